@@ -1,0 +1,436 @@
+"""The folder formats shared by cut.py, vlad.py and metrics.py.
+
+Everything on disk is the MVTec AD layout, so generated data, real benchmarks and predictions are read by one
+reader (see DESIGN.md, "The one folder format"):
+
+    ROOT/<category>/train/good/*.png                       normal images
+    ROOT/<category>/test/good/*.png                        normal test images
+    ROOT/<category>/test/<defect>/*.png                    anomalous images
+    ROOT/<category>/ground_truth/<defect>/<stem>_mask.png  masks, 8-bit grayscale, same size as the image
+
+This module holds: image and mask IO that survives real files, atomic writes, the MVTec reader, the VisA
+converter, k-shot selection, sharding across processes and the two pictures people look at (a heat-map
+overlay and a contact sheet).
+
+    python data.py info ROOT                 per-category counts, to check a download at a glance
+    python data.py visa-to-mvtec SRC DST     convert VisA's own layout into the MVTec layout
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import os
+import random
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageOps
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+MASK_THRESHOLD = 127  # binarize: a mask pixel is anomalous when its 8-bit value is above this (0/255 masks)
+
+
+class DataError(Exception):
+    """Bad input on disk: the message is one sentence that names the file and says what to do."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading images and masks
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _open(path) -> Image.Image:
+    """Open and fully decode an image, so a truncated file fails here and names itself."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such image file.")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return ImageOps.exif_transpose(image)  # phone photos store their rotation in EXIF
+    except (OSError, SyntaxError, ValueError) as error:
+        raise DataError(f"{path}: cannot read the image ({error}); is the file corrupt or truncated?") from None
+
+
+def load_image(path) -> Image.Image:
+    """Any image file (RGB, RGBA, L, LA, P, I;16, CMYK; PNG, JPEG, TIFF, ...) as an 8-bit RGB image."""
+    image = _open(path)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit grayscale: scale the used range to 8 bits instead of clipping everything to white.
+        values = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") else max(float(values.max()), 1.0)
+        image = Image.fromarray(np.clip(values / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    elif image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.clip(values * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        # Transparent pixels become white, not the undefined colour stored under them.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
+def load_mask(path, size: tuple[int, int] | None = None, binarize: bool = True) -> np.ndarray:
+    """A mask as float32 (H, W) in [0, 1].
+
+    binarize=True: 1 where the 8-bit value is above 127 (real 0/255 masks; VisA's 0/1..255 are converted to
+    0/255 by `visa_to_mvtec`). binarize=False: value / 255, the anomaly probability of CUT's soft masks.
+    size=(W, H) resizes: nearest neighbour when binarized, bilinear when soft.
+    """
+    image = _open(path)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        values = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray((values > 0).astype(np.uint8) * 255, "L")
+    gray = image.convert("L")
+    if size is not None and gray.size != tuple(size):
+        gray = gray.resize(tuple(size), Image.NEAREST if binarize else Image.BILINEAR)
+    values = np.asarray(gray, dtype=np.uint8)
+    if binarize:
+        return (values > MASK_THRESHOLD).astype(np.float32)
+    return values.astype(np.float32) / 255.0
+
+
+def list_images(folder) -> list[Path]:
+    """The image files of one folder (not recursive), sorted by name."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Atomic writes: a temporary name in the same folder, then os.replace, so a reader (or a re-run) never sees a
+# half-written file under the final name.
+# ---------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside `path`; on success it replaces `path`, on any error it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + path.suffix)
+    os.close(handle)
+    temporary = Path(temporary)
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def save_image(image, path) -> None:
+    """Save a PIL image or a uint8 array ((H, W) or (H, W, 3)) atomically; the format follows the suffix."""
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(np.ascontiguousarray(image))
+    fmt = Image.registered_extensions().get(Path(path).suffix.lower(), "PNG")
+    with atomic_path(path) as temporary:
+        image.save(temporary, format=fmt)
+
+
+def save_mask(mask: np.ndarray, path) -> None:
+    """Save a (H, W) mask in [0, 1] as an 8-bit grayscale PNG: pixel = round(255 * probability)."""
+    mask = np.asarray(mask, dtype=np.float64)
+    if mask.ndim != 2 or not np.isfinite(mask).all():
+        raise ValueError(f"{path}: a mask must be a finite (H, W) array, got shape {mask.shape}")
+    save_image(np.round(np.clip(mask, 0.0, 1.0) * 255.0).astype(np.uint8), path)
+
+
+def save_tiff(array: np.ndarray, path) -> None:
+    """Save a (H, W) float map as a float32 TIFF (PIL mode "F"): exact values, readable by any TIFF reader."""
+    array = np.asarray(array, dtype=np.float32)
+    if array.ndim != 2:
+        raise ValueError(f"{path}: an anomaly map must be (H, W), got shape {array.shape}")
+    with atomic_path(path) as temporary:
+        Image.fromarray(np.ascontiguousarray(array), mode="F").save(temporary, format="TIFF")
+
+
+def load_tiff(path) -> np.ndarray:
+    """A float32 (H, W) anomaly map written by `save_tiff`."""
+    image = _open(path)
+    return np.asarray(image, dtype=np.float32).copy()
+
+
+def save_text(text: str, path) -> None:
+    with atomic_path(path) as temporary:
+        temporary.write_text(text, encoding="utf-8")
+
+
+def save_json(obj, path) -> None:
+    save_text(json.dumps(obj, indent=2) + "\n", path)
+
+
+def append_jsonl(obj, path) -> None:
+    """Append one JSON line. A single small O_APPEND write is atomic on POSIX, so concurrent writers
+    (shards) never interleave, and fsync makes the line survive a crash right after it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = (json.dumps(obj, separators=(",", ":")) + "\n").encode("utf-8")
+    handle = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(handle, line)
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+def read_jsonl(path) -> list[dict]:
+    """All complete lines of a JSON-lines file; [] when it does not exist. A torn last line (a crash mid-write)
+    is ignored: it was never acknowledged."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The MVTec AD layout
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sample:
+    image: Path
+    mask: Path | None  # None for good images: their mask is empty
+    category: str
+    defect: str  # 'good' for normal images
+    label: int  # 0 good, 1 anomalous
+
+
+def list_categories(root) -> list[str]:
+    """The categories of an MVTec-layout root: sorted sub-folders holding a train/ or test/ folder."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: no such dataset folder.")
+    return sorted(p.name for p in root.iterdir() if (p / "train").is_dir() or (p / "test").is_dir())
+
+
+def mask_path(root, category: str, defect: str, stem: str) -> Path:
+    return Path(root) / category / "ground_truth" / defect / f"{stem}_mask.png"
+
+
+def read_split(root, category: str, split: str) -> list[Sample]:
+    """Every image of ROOT/<category>/<split>/<defect>/, good first, then defects by name.
+
+    A defect image must have its mask: a missing one is an error, never a silent empty mask.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    root = Path(root)
+    categories = list_categories(root)
+    if category not in categories:
+        known = ", ".join(categories) or "none"
+        raise DataError(f"{root}: unknown category {category!r} (categories found: {known}).")
+    split_dir = root / category / split
+    defects = sorted((p.name for p in split_dir.iterdir() if p.is_dir()), key=lambda d: (d != "good", d)) \
+        if split_dir.is_dir() else []
+    samples = []
+    for defect in defects:
+        for image in list_images(split_dir / defect):
+            if defect == "good":
+                samples.append(Sample(image, None, category, defect, 0))
+                continue
+            mask = mask_path(root, category, defect, image.stem)
+            if not mask.is_file():
+                raise DataError(f"{image}: its mask {mask} is missing; every defect image needs one.")
+            samples.append(Sample(image, mask, category, defect, 1))
+    return samples
+
+
+def select_k_shot(images: list[Path], k: int, seed: int) -> list[Path]:
+    """k of the given normal images, without replacement, the same for the same seed on every machine."""
+    images = sorted(Path(p) for p in images)  # independent of the order the caller listed them in
+    if k < 0:
+        raise DataError(f"k-shot must be at least 0, got {k}.")
+    if k > len(images):
+        where = images[0].parent if images else "the normal folder"
+        raise DataError(f"{where}: k-shot {k} asks for more normal images than the {len(images)} there are.")
+    return sorted(random.Random(seed).sample(images, k))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# VisA -> MVTec
+# ---------------------------------------------------------------------------------------------------------
+
+
+def visa_to_mvtec(source, target, progress: bool = True) -> dict[str, dict[str, int]]:
+    """Convert VisA's own layout (split_csv/1cls.csv listing object,split,label,image,mask with paths relative
+    to SOURCE) into the MVTec layout under TARGET. Masks (0 background, 1..255 anomaly) become 0/255 PNGs.
+    Anomalous images all go to test/bad, as in the common VisA->MVTec conversion. Re-runs skip finished files.
+    Returns per-category counts."""
+    source, target = Path(source), Path(target)
+    table = source / "split_csv" / "1cls.csv"
+    if not table.is_file():
+        raise DataError(f"{table}: not found; SRC must be the VisA root that holds split_csv/1cls.csv.")
+    with table.open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    required = {"object", "split", "label", "image", "mask"}
+    if not rows or not required <= set(rows[0]):
+        raise DataError(f"{table}: expected the columns {sorted(required)}.")
+    try:
+        from tqdm import tqdm
+        rows_iter = tqdm(rows, desc="visa-to-mvtec", unit="img", disable=not progress)
+    except ImportError:  # tqdm is a dependency of the other modules; data.py alone works without it
+        rows_iter = rows
+    counts: dict[str, dict[str, int]] = {}
+    for row in rows_iter:
+        category, split, label = row["object"], row["split"].strip(), row["label"].strip()
+        if split not in ("train", "test"):
+            raise DataError(f"{table}: unknown split {split!r} for {row['image']}.")
+        defect = "good" if label == "normal" else "bad"
+        image_source = source / row["image"]
+        stem = Path(row["image"]).stem
+        image_target = target / category / split / defect / f"{stem}.png"
+        if not image_target.is_file():
+            save_image(load_image(image_source), image_target)
+        if defect == "bad":
+            if not row["mask"]:
+                raise DataError(f"{table}: anomalous image {row['image']} has no mask.")
+            mask_target = mask_path(target, category, defect, stem)
+            if not mask_target.is_file():
+                values = np.asarray(_open(source / row["mask"]).convert("L"))
+                save_image(((values > 0) * 255).astype(np.uint8), mask_target)
+        key = f"{split}/{defect}"
+        counts.setdefault(category, {}).setdefault(key, 0)
+        counts[category][key] += 1
+    return counts
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sharding across processes (torchrun or by hand)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def resolve_shard(shard: str | None = None) -> tuple[int, int]:
+    """(rank, world size): from '--shard i/n', else torchrun's RANK and WORLD_SIZE, else (0, 1)."""
+    if shard:
+        try:
+            rank_text, world_text = shard.split("/")
+            rank, world = int(rank_text), int(world_text)
+        except ValueError:
+            raise DataError(f"--shard {shard!r}: expected i/n, e.g. 0/4.") from None
+    else:
+        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world < 1 or not 0 <= rank < world:
+        raise DataError(f"shard {rank}/{world}: need 0 <= i < n.")
+    return rank, world
+
+
+def shard_jobs(jobs: list, rank: int, world: int) -> list:
+    """Every world-th job starting at rank: shards are disjoint and together are all jobs."""
+    return list(jobs)[rank::world]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pictures people look at
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _jet(values: np.ndarray) -> np.ndarray:
+    """The classic jet colour map, (H, W) in [0, 1] -> (H, W, 3) in [0, 1]: blue, cyan, yellow, red."""
+    v = np.clip(values, 0.0, 1.0)[..., None]
+    centres = np.array([0.75, 0.5, 0.25])  # red, green, blue peak positions
+    return np.clip(1.5 - np.abs(4.0 * (v - centres)), 0.0, 1.0)
+
+
+def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """Blend a heat map over an image: (H, W, 3) uint8 and (H, W) in [0, 1] -> (H, W, 3) uint8."""
+    image = np.asarray(image)
+    heat = np.nan_to_num(np.asarray(heat, dtype=np.float64), nan=0.0)
+    if heat.shape != image.shape[:2]:
+        heat_image = Image.fromarray(heat.astype(np.float32), mode="F")
+        heat = np.asarray(heat_image.resize((image.shape[1], image.shape[0]), Image.BILINEAR), dtype=np.float64)
+    blended = (1.0 - alpha) * image.astype(np.float64) + alpha * 255.0 * _jet(heat)
+    return np.clip(blended + 0.5, 0, 255).astype(np.uint8)
+
+
+def contact_sheet(rows: list[list[np.ndarray]], cell: int = 256, labels: list[str] | None = None) -> np.ndarray:
+    """A grid of uint8 RGB tiles, each resized to cell x cell; optional column labels on a strip at the top."""
+    if not rows:
+        raise ValueError("contact_sheet needs at least one row")
+    columns = max(len(row) for row in rows)
+    pad = 4
+    top = 20 if labels else 0
+    sheet = Image.new("RGB", (columns * (cell + pad) + pad, top + len(rows) * (cell + pad) + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for c, label in enumerate(labels or []):
+        draw.text((pad + c * (cell + pad) + 4, 4), label, fill=(0, 0, 0))
+    for r, row in enumerate(rows):
+        for c, tile in enumerate(row):
+            tile_image = Image.fromarray(np.asarray(tile, dtype=np.uint8)).convert("RGB").resize((cell, cell))
+            sheet.paste(tile_image, (pad + c * (cell + pad), top + pad + r * (cell + pad)))
+    return np.asarray(sheet)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------------------
+
+
+def describe(root) -> list[dict]:
+    """Per-category counts of an MVTec-layout root (what `python data.py info` prints)."""
+    rows = []
+    for category in list_categories(root):
+        train = read_split(root, category, "train")
+        test = read_split(root, category, "test")
+        defects: dict[str, int] = {}
+        for sample in test:
+            if sample.label:
+                defects[sample.defect] = defects.get(sample.defect, 0) + 1
+        rows.append({
+            "category": category,
+            "train_good": sum(s.label == 0 for s in train),
+            "test_good": sum(s.label == 0 for s in test),
+            "test_anomalous": sum(defects.values()),
+            "masks": sum(s.mask is not None for s in test),
+            "defects": defects,
+        })
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    info = commands.add_parser("info", help="per-category counts of an MVTec-layout root")
+    info.add_argument("root", help="dataset root, e.g. mvtec_anomaly_detection/")
+    convert = commands.add_parser("visa-to-mvtec", help="convert VisA's layout into the MVTec layout")
+    convert.add_argument("source", help="VisA root (holds split_csv/1cls.csv)")
+    convert.add_argument("target", help="output MVTec-layout root")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "info":
+            rows = describe(args.root)
+            if not rows:
+                raise DataError(f"{args.root}: no category folders with train/ or test/ inside.")
+            print(f"{'category':<16}{'train/good':>11}{'test/good':>10}{'test/anom':>10}{'masks':>7}  defects")
+            for row in rows:
+                defects = ", ".join(f"{name} {count}" for name, count in row["defects"].items()) or "-"
+                print(f"{row['category']:<16}{row['train_good']:>11}{row['test_good']:>10}"
+                      f"{row['test_anomalous']:>10}{row['masks']:>7}  {defects}")
+        else:
+            counts = visa_to_mvtec(args.source, args.target)
+            total = sum(sum(c.values()) for c in counts.values())
+            print(f"wrote {total} images of {len(counts)} categories to {args.target}")
+    except DataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
