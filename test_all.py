@@ -26,6 +26,9 @@ import torch
 from PIL import Image
 
 import data
+from scipy import ndimage
+from sklearn.metrics import precision_recall_curve, roc_auc_score
+import metrics
 
 torch.set_num_threads(1)  # two spinning OpenMP threads on a shared 2-core machine can be 50x slower
 
@@ -283,3 +286,460 @@ def test_overlay_and_contact_sheet_have_expected_colours_and_size():
     assert tuple(blended[3, 3]) == (0, 0, 128)  # and its bottom dark blue
     sheet = data.contact_sheet([[image, blended], [image]], cell=8)
     assert sheet.shape == (2 * 12 + 4, 2 * 12 + 4, 3)
+
+
+def test_k_shot_cli_prints_the_same_images_as_select_k_shot(tmp_path):
+    data_write_mvtec_tree(tmp_path)
+    normals = [s.image for s in data.read_split(tmp_path, "bottle", "train")]
+    result = run_cli("data.py", "k-shot", tmp_path, "bottle", "2", "--seed", "7")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [str(p) for p in data.select_k_shot(normals, 2, seed=7)]
+    assert run_cli("data.py", "k-shot", tmp_path, "bottle", "all").stdout.split() == [str(p) for p in normals]
+    result = run_cli("data.py", "k-shot", tmp_path, "bottle", "9")
+    assert result.returncode == 2 and "k-shot 9" in result.stderr
+
+
+# =========================================================================================================
+# metrics.py: every metric against an independent reference (sklearn; an AU-PRO written here with
+# scipy.ndimage.label and a loop over thresholds, following the MVTec AD protocol), hand-computed cases, and
+# the CLI through subprocess.
+# =========================================================================================================
+
+METRICS_HERE = Path(__file__).resolve().parent
+
+
+def metrics_reference_max_f1(scores, labels):
+    precision, recall, _ = precision_recall_curve(labels, scores)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+    return float(f1.max())
+
+
+def metrics_reference_trapezoid(x, y, x_max):
+    """The MVTec AD evaluation code's trapezoid(): cut at x_max, y interpolated between the neighbours."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    correction = 0.0
+    if x_max not in x:
+        ins = int(np.searchsorted(x, x_max, side="right"))  # bisect.bisect(x, x_max)
+        y_interp = y[ins - 1] + (y[ins] - y[ins - 1]) * (x_max - x[ins - 1]) / (x[ins] - x[ins - 1])
+        correction = 0.5 * (y_interp + y[ins - 1]) * (x_max - x[ins - 1])
+    keep = x <= x_max
+    x, y = x[keep], y[keep]
+    return float(np.sum(0.5 * (y[1:] + y[:-1]) * (x[1:] - x[:-1])) + correction)
+
+
+def metrics_reference_au_pro(maps, masks, fpr_limit=0.3):
+    """MVTec AD protocol, written plainly: 8-connected regions by scipy, every distinct score a threshold,
+    FPR over all normal pixels of all images, PRO = mean over all regions of all images."""
+    maps, masks = np.asarray(maps, dtype=np.float64), np.asarray(masks) > 0.5
+    region_scores = []
+    for anomaly_map, mask in zip(maps, masks):
+        labelled, n = ndimage.label(mask, structure=np.ones((3, 3)))
+        region_scores += [anomaly_map[labelled == r] for r in range(1, n + 1)]
+    normal = maps[~masks]
+    fprs, pros = [0.0], [0.0]
+    for threshold in np.unique(maps)[::-1]:
+        fprs.append(float(np.mean(normal >= threshold)))
+        pros.append(float(np.mean([np.mean(scores >= threshold) for scores in region_scores])))
+    fprs.append(1.0)
+    pros.append(1.0)
+    return metrics_reference_trapezoid(fprs, pros, fpr_limit) / fpr_limit
+
+
+def metrics_random_masks(rng, n, height, width, kind):
+    """(n, H, W) bool masks of one kind; the first image is always left normal (all-normal images)."""
+    if kind == "noise":  # many small regions, single pixels, diagonal contacts, long snakes
+        masks = rng.random((n, height, width)) < 0.3
+    elif kind == "single_pixels":
+        masks = np.zeros((n, height, width), dtype=bool)
+        masks[:, ::3, ::3] = rng.random((n, (height + 2) // 3, (width + 2) // 3)) < 0.5
+    elif kind == "diagonal":  # chains touching only at corners: one region under 8-connectivity
+        masks = np.zeros((n, height, width), dtype=bool)
+        for i in range(n):
+            start = rng.integers(0, width)
+            for row in range(height):
+                masks[i, row, (start + row) % width] = True
+    else:  # "blobs": several rectangles per image
+        masks = np.zeros((n, height, width), dtype=bool)
+        for i in range(n):
+            for _ in range(rng.integers(1, 4)):
+                y, x = rng.integers(0, height - 2), rng.integers(0, width - 2)
+                masks[i, y:y + rng.integers(1, 5), x:x + rng.integers(1, 5)] = True
+    masks[0] = False
+    return masks
+
+
+def metrics_random_maps(rng, masks, levels):
+    """Scores on `levels` distinct values (heavy ties), anomalous pixels higher on average; levels=1: constant."""
+    scores = rng.integers(0, levels, masks.shape) + rng.integers(0, max(levels // 2, 1), masks.shape) * masks
+    return (scores / max(levels, 1)).astype(np.float32)
+
+
+# --- auroc and max_f1 -------------------------------------------------------------------------------------
+
+
+def test_auroc_hand_computed_counts_a_tie_as_one_half():
+    # positives {0.5, 0.9} vs negatives {0.5, 0.2}: wins 1 + 1 + 1, the 0.5-0.5 tie 1/2 -> 3.5 / 4
+    assert metrics.auroc(np.array([0.5, 0.5, 0.2, 0.9]), np.array([0, 1, 0, 1])) == 0.875
+    assert metrics.auroc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1])) == 0.75
+
+
+def test_max_f1_hand_computed_is_best_threshold_and_keeps_ties_together():
+    # threshold 0.7: TP 2, FP 1, FN 0 -> F1 = 4 / 5 (threshold 0.9 gives 2/3)
+    assert metrics.max_f1(np.array([0.9, 0.8, 0.7, 0.6, 0.5]), np.array([1, 0, 1, 0, 0])) == 0.8
+    # a tie cannot be split: the only threshold admits both -> TP 1, FP 1 -> 2/3
+    assert metrics.max_f1(np.array([0.5, 0.5]), np.array([1, 0])) == 2 / 3
+
+
+@pytest.mark.parametrize("levels", [1, 2, 5, 1000])
+def test_auroc_and_max_f1_match_sklearn_with_heavy_ties(levels):
+    rng = np.random.default_rng(levels)
+    for trial in range(20):
+        n = int(rng.integers(2, 300))
+        labels = rng.integers(0, 2, n)
+        labels[:2] = [0, 1]
+        scores = (rng.integers(0, levels, n) + labels * rng.integers(0, 2, n)).astype(np.float64)
+        assert metrics.auroc(scores, labels) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+        assert metrics.max_f1(scores, labels) == pytest.approx(metrics_reference_max_f1(scores, labels), abs=1e-12)
+
+
+def test_auroc_of_constant_scores_is_one_half():
+    assert metrics.auroc(np.full(10, 0.3), np.arange(10) % 2) == 0.5
+
+
+def test_auroc_undefined_for_one_class_and_rejects_nan():
+    with pytest.raises(ValueError, match="one class"):
+        metrics.auroc(np.array([0.1, 0.2]), np.array([1, 1]))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        metrics.auroc(np.array([0.1, np.nan, 0.3]), np.array([0, 1, 1]))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        metrics.max_f1(np.array([-np.inf, 0.2]), np.array([0, 1]))
+
+
+# --- regions ------------------------------------------------------------------------------------------------
+
+
+def test_label_regions_joins_diagonal_neighbours_hand_computed():
+    mask = np.array([[1, 0, 0, 1, 1],
+                     [0, 1, 0, 0, 0],
+                     [0, 0, 1, 0, 1],
+                     [1, 0, 0, 0, 1],
+                     [1, 1, 0, 1, 0]])
+    expected = np.array([[1, 0, 0, 2, 2],
+                         [0, 1, 0, 0, 0],
+                         [0, 0, 1, 0, 3],
+                         [4, 0, 0, 0, 3],
+                         [4, 4, 0, 3, 0]])
+    labels, n = metrics.label_regions(mask)
+    assert n == 4
+    np.testing.assert_array_equal(labels, expected)
+
+
+@pytest.mark.parametrize("kind", ["noise", "single_pixels", "diagonal", "blobs"])
+def test_label_regions_equals_scipy_8_connectivity_per_image(kind):
+    rng = np.random.default_rng(1)
+    masks = metrics_random_masks(rng, 6, 23, 17, kind)
+    labels, n = metrics.label_regions(masks)
+    offset = 0
+    for mask, ours in zip(masks, labels):
+        theirs, count = ndimage.label(mask, structure=np.ones((3, 3)))
+        # Both number the regions in raster order; ours count on across the stack.
+        np.testing.assert_array_equal(np.where(ours > 0, ours - offset, 0), theirs)
+        offset += count
+    assert n == offset
+
+
+def test_label_regions_equals_scipy_near_the_percolation_threshold():
+    # Density 0.45 is just above 8-connected site percolation (~0.41): huge, branching regions.
+    masks = np.random.default_rng(5).random((10, 64, 48)) < 0.45
+    labels, _ = metrics.label_regions(masks)
+    offset = 0
+    for mask, ours in zip(masks, labels):
+        theirs, count = ndimage.label(mask, structure=np.ones((3, 3)))
+        np.testing.assert_array_equal(np.where(ours > 0, ours - offset, 0), theirs)
+        offset += count
+
+
+def test_label_regions_finds_one_region_in_a_long_serpentine():
+    # Rows joined at alternating ends: one region whose runs chain through the whole image.
+    mask = np.zeros((41, 41), dtype=bool)
+    mask[::2] = True
+    for row in range(1, 41, 2):
+        mask[row, -1 if row % 4 == 1 else 0] = True
+    labels, n = metrics.label_regions(mask)
+    assert n == 1
+    np.testing.assert_array_equal(labels, ndimage.label(mask, structure=np.ones((3, 3)))[0])
+
+
+# --- AU-PRO and the one-sort pixel metrics ----------------------------------------------------------------
+
+
+def test_au_pro_hand_computed_averages_regions_and_draws_ties_diagonally():
+    # One row: region A = pixels 0-2 (size 3), normal pixel 3, region B = pixel 4 (size 1), normal pixel 5.
+    maps = np.array([[[0.9, 0.2, 0.2, 0.6, 0.6, 0.1]]], dtype=np.float32)
+    masks = np.array([[[1, 1, 1, 0, 1, 0]]], dtype=bool)
+    # t = 0.9: FPR 0, PRO (1/3 + 0) / 2 = 1/6.  t = 0.6 (a normal and an anomalous pixel tie): FPR 1/2,
+    # PRO (1/3 + 1) / 2 = 2/3, one diagonal segment.  At FPR 0.3 the segment is at 1/6 + 0.3 = 7/15.
+    # Area = 0.3 * (1/6 + 7/15) / 2 = 0.095, / 0.3 = 19/60.
+    assert metrics.au_pro(maps, masks) == pytest.approx(19 / 60, abs=1e-15)
+    assert metrics_reference_au_pro(maps, masks) == pytest.approx(19 / 60, abs=1e-15)
+
+
+def test_au_pro_of_constant_maps_is_the_diagonal():
+    # Every pixel ties: the curve is one segment (0, 0) -> (1, 1); area to 0.3 is 0.045, / 0.3 = 0.15.
+    masks = metrics_random_masks(np.random.default_rng(0), 3, 8, 8, "blobs")
+    result = metrics.pixel_metrics(np.full(masks.shape, 0.7, dtype=np.float32), masks)
+    assert result["PRO"] == pytest.approx(0.15, abs=1e-15)
+    assert result["P-AUC"] == 0.5
+    assert result["P-F1"] == pytest.approx(2 * masks.sum() / (masks.size + masks.sum()), abs=1e-15)
+
+
+@pytest.mark.parametrize("kind", ["noise", "single_pixels", "diagonal", "blobs"])
+@pytest.mark.parametrize("levels", [1, 3, 20, 100000])
+def test_pixel_metrics_match_sklearn_and_reference_au_pro(kind, levels):
+    rng = np.random.default_rng(levels)
+    masks = metrics_random_masks(rng, 5, 12, 14, kind)
+    maps = metrics_random_maps(rng, masks, levels)
+    maps_before = maps.copy()
+    result = metrics.pixel_metrics(maps, masks)
+    np.testing.assert_array_equal(maps, maps_before)  # sorted copies, never the caller's maps
+    assert result["P-AUC"] == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()), abs=1e-6)
+    assert result["P-F1"] == pytest.approx(metrics_reference_max_f1(maps.ravel(), masks.ravel()), abs=1e-6)
+    assert result["PRO"] == pytest.approx(metrics_reference_au_pro(maps, masks), abs=1e-6)
+    assert metrics.au_pro(maps, masks) == result["PRO"]
+
+
+@pytest.mark.parametrize("fpr_limit", [0.05, 0.3, 0.5, 1.0])
+def test_au_pro_matches_reference_at_other_fpr_limits(fpr_limit):
+    rng = np.random.default_rng(7)
+    masks = metrics_random_masks(rng, 4, 10, 10, "blobs")
+    maps = metrics_random_maps(rng, masks, 6)
+    assert metrics.au_pro(maps, masks, fpr_limit) == pytest.approx(
+        metrics_reference_au_pro(maps, masks, fpr_limit), abs=1e-6)
+
+
+def test_au_pro_hits_a_vertex_exactly_at_the_limit():
+    # 10 normal pixels with distinct scores, so FPR steps by 0.1 and 0.3 is a vertex of the curve.
+    maps = np.array([[[0.95, 0.05, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.75]]], dtype=np.float32)
+    masks = np.array([[[1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]]], dtype=bool)
+    assert metrics.au_pro(maps, masks) == pytest.approx(metrics_reference_au_pro(maps, masks), abs=1e-12)
+
+
+def test_pixel_metrics_undefined_without_anomalous_pixels_and_reject_inf():
+    maps = np.random.default_rng(0).random((2, 4, 4)).astype(np.float32)
+    result = metrics.pixel_metrics(maps, np.zeros((2, 4, 4), dtype=bool))
+    assert result == {"P-AUC": None, "P-F1": None, "PRO": None}
+    masks = np.zeros((2, 4, 4), dtype=bool)
+    masks[1, 1:3, 1:3] = True
+    maps[0, 0, 0] = np.inf
+    with pytest.raises(ValueError, match="NaN or inf"):
+        metrics.pixel_metrics(maps, masks)
+
+
+def test_image_metrics_of_one_class_leave_auroc_undefined_but_f1_defined():
+    assert metrics.image_metrics(np.array([0.2, 0.4]), np.array([1, 1])) == {"I-AUC": None, "I-F1": 1.0}
+    assert metrics.image_metrics(np.array([0.2, 0.4]), np.array([0, 0])) == {"I-AUC": None, "I-F1": None}
+
+
+def test_evaluate_category_returns_the_five_numbers_of_the_references():
+    rng = np.random.default_rng(3)
+    masks = metrics_random_masks(rng, 8, 9, 11, "blobs")
+    maps = metrics_random_maps(rng, masks, 7)
+    labels = masks.reshape(8, -1).any(axis=1).astype(int)
+    scores = maps.reshape(8, -1).max(axis=1)
+    result = metrics.evaluate_category(scores, labels, maps, masks)
+    assert list(result) == list(metrics.METRICS)
+    assert result["I-AUC"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+    assert result["I-F1"] == pytest.approx(metrics_reference_max_f1(scores, labels), abs=1e-12)
+    assert result["PRO"] == pytest.approx(metrics_reference_au_pro(maps, masks), abs=1e-6)
+
+
+# --- CLI ----------------------------------------------------------------------------------------------------
+
+
+def metrics_cli(*args):
+    return subprocess.run([sys.executable, str(METRICS_HERE / "metrics.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=120, cwd=METRICS_HERE)
+
+
+def metrics_write_trees(root: Path, categories=("widget", "gadget"), size=16, mask_size=16, seed=0):
+    """A tiny MVTec-layout GT tree and a matching prediction tree. Returns (gt, pred, expected numbers)."""
+    rng = np.random.default_rng(seed)
+    gt, pred = root / "gt", root / "pred"
+    expected = {}
+    for category in categories:
+        rows, scores_all, labels_all, maps_all, masks_all = [], [], [], [], []
+        for defect, count in (("good", 3), ("crack", 3), ("hole", 2)):
+            for i in range(count):
+                stem = f"{i:03d}"
+                data.save_image(rng.integers(0, 255, (mask_size, mask_size, 3), dtype=np.uint8),
+                                gt / category / "test" / defect / f"{stem}.png")
+                mask = np.zeros((mask_size, mask_size))
+                if defect != "good":
+                    y, x = rng.integers(0, mask_size - 4, 2)
+                    mask[y:y + 4, x:x + 3] = 1
+                    data.save_mask(mask, data.mask_path(gt, category, defect, stem))
+                factor = mask_size // size
+                # Nearest neighbour as PIL does it: the source pixel under the centre of each target pixel.
+                small_mask = mask[factor // 2::factor, factor // 2::factor] > 0.5
+                anomaly_map = (rng.random((size, size)) + 0.5 * small_mask).astype(np.float32)
+                data.save_tiff(anomaly_map, pred / category / "test" / defect / f"{stem}.tiff")
+                score = float(anomaly_map.max())
+                rows.append(f"test/{defect}/{stem}.tiff,{score!r}")
+                scores_all.append(score)
+                labels_all.append(int(defect != "good"))
+                maps_all.append(anomaly_map)
+                masks_all.append(small_mask)
+        data.save_text("path,score\n" + "\n".join(rows) + "\n", pred / category / "scores.csv")
+        expected[category] = metrics.evaluate_category(np.array(scores_all), np.array(labels_all),
+                                                       np.stack(maps_all), np.stack(masks_all))
+    return gt, pred, expected
+
+
+def test_cli_prints_the_table_and_writes_json_equal_to_the_functions(tmp_path):
+    gt, pred, expected = metrics_write_trees(tmp_path)
+    result = metrics_cli("--pred", pred, "--gt", gt, "--json", tmp_path / "run.json")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["category", *metrics.METRICS]
+    assert [line.split()[0] for line in lines[1:4]] == ["gadget", "widget", "mean"]
+    widget = lines[2].split()
+    assert widget[1:] == [f"{100 * expected['widget'][m]:.1f}" for m in metrics.METRICS]
+    written = json.loads((tmp_path / "run.json").read_text())
+    assert written["metrics"] == list(metrics.METRICS)
+    for category in ("widget", "gadget"):
+        for m in metrics.METRICS:
+            assert written["categories"][category][m] == pytest.approx(expected[category][m], abs=1e-12)
+    assert written["mean"]["PRO"] == pytest.approx((expected["widget"]["PRO"] + expected["gadget"]["PRO"]) / 2)
+    assert written["info"]["widget"] == {"images": 8, "anomalous": 5, "map_size": [16, 16], "masks_resized": 0}
+    assert "resized" not in result.stdout
+
+
+def test_cli_resizes_masks_to_the_map_size_and_says_so(tmp_path):
+    gt, pred, expected = metrics_write_trees(tmp_path, categories=("widget",), size=8, mask_size=16)
+    result = metrics_cli("--pred", pred, "--gt", gt, "--json", tmp_path / "run.json")
+    assert result.returncode == 0, result.stderr
+    assert "widget: 5 ground-truth masks resized to the map size 8x8 (nearest neighbour)" in result.stdout
+    written = json.loads((tmp_path / "run.json").read_text())
+    assert written["info"]["widget"]["masks_resized"] == 5
+    assert written["categories"]["widget"]["PRO"] == pytest.approx(expected["widget"]["PRO"], abs=1e-12)
+
+
+def test_cli_one_class_category_prints_na_and_stores_null(tmp_path):
+    gt, pred, _ = metrics_write_trees(tmp_path, categories=("widget",))
+    # Keep only the good images of 'gadget': every label is 0.
+    gt2, pred2, _ = metrics_write_trees(tmp_path / "b", categories=("gadget",))
+    for tree in (gt2, pred2):
+        for defect in ("crack", "hole"):
+            for path in sorted((tree / "gadget" / "test" / defect).iterdir()):
+                path.unlink()
+            (tree / "gadget" / "test" / defect).rmdir()
+    csv_path = pred2 / "gadget" / "scores.csv"
+    csv_path.write_text("\n".join(line for line in csv_path.read_text().splitlines() if "good" in line or
+                                  line.startswith("path")) + "\n")
+    for tree, other in ((gt2, gt), (pred2, pred)):
+        (tree / "gadget").rename(other / "gadget")
+    result = metrics_cli("--pred", pred, "--gt", gt, "--json", tmp_path / "run.json")
+    assert result.returncode == 0, result.stderr
+    gadget = next(line for line in result.stdout.splitlines() if line.startswith("gadget")).split()
+    assert gadget[1:] == ["n/a"] * 5
+    assert "gadget: I-AUC, I-F1 undefined, the test images are all one class" in result.stdout
+    written = json.loads((tmp_path / "run.json").read_text())
+    assert written["categories"]["gadget"] == {m: None for m in metrics.METRICS}
+    assert written["mean"] == written["categories"]["widget"]  # the mean skips undefined values
+
+
+def test_cli_summarize_prints_mean_and_std_over_runs(tmp_path):
+    runs = []
+    for seed, value in enumerate([0.8, 0.9]):
+        run = {"metrics": list(metrics.METRICS),
+               "categories": {"widget": {m: value for m in metrics.METRICS}},
+               "mean": {m: value for m in metrics.METRICS}}
+        runs.append(tmp_path / f"run{seed}.json")
+        data.save_json(run, runs[-1])
+    result = metrics_cli("--summarize", *runs, "--json", tmp_path / "summary.json")
+    assert result.returncode == 0, result.stderr
+    widget = next(line for line in result.stdout.splitlines() if line.startswith("widget"))
+    assert widget.split()[1:4] == ["85.0", "±", "7.1"]  # sample std of {80, 90} = 7.07
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["mean"]["PRO"]["mean"] == pytest.approx(0.85)
+    assert summary["mean"]["PRO"]["std"] == pytest.approx(np.std([0.8, 0.9], ddof=1))
+    assert summary["categories"]["widget"]["I-AUC"]["n"] == 2
+
+
+def metrics_assert_bad_input(result, *fragments):
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
+    for fragment in fragments:
+        assert fragment in result.stderr
+
+
+def test_cli_rejects_a_prediction_without_ground_truth(tmp_path):
+    gt, pred, _ = metrics_write_trees(tmp_path, categories=("widget",))
+    data.save_tiff(np.zeros((16, 16)), pred / "widget" / "test" / "crack" / "099.tiff")
+    metrics_assert_bad_input(metrics_cli("--pred", pred, "--gt", gt), "099.tiff", "without a ground-truth image")
+
+
+def test_cli_rejects_a_ground_truth_image_without_prediction(tmp_path):
+    gt, pred, _ = metrics_write_trees(tmp_path, categories=("widget",))
+    (pred / "widget" / "test" / "hole" / "001.tiff").unlink()
+    metrics_assert_bad_input(metrics_cli("--pred", pred, "--gt", gt), "hole/001.png", "no prediction")
+
+
+def test_cli_rejects_scores_csv_that_misses_or_adds_an_image(tmp_path):
+    gt, pred, _ = metrics_write_trees(tmp_path, categories=("widget",))
+    csv_path = pred / "widget" / "scores.csv"
+    lines = csv_path.read_text().splitlines()
+    csv_path.write_text("\n".join(lines[:-1]) + "\n")
+    metrics_assert_bad_input(metrics_cli("--pred", pred, "--gt", gt), "scores.csv", "no score for test/hole/001.tiff")
+    csv_path.write_text("\n".join(lines + ["test/hole/007.tiff,0.5"]) + "\n")
+    metrics_assert_bad_input(metrics_cli("--pred", pred, "--gt", gt), "test/hole/007.tiff has no ground-truth")
+
+
+def test_cli_rejects_nan_in_a_map_and_in_scores_csv(tmp_path):
+    gt, pred, _ = metrics_write_trees(tmp_path, categories=("widget",))
+    bad_map = np.zeros((16, 16), dtype=np.float32)
+    bad_map[3, 3] = np.nan
+    data.save_tiff(bad_map, pred / "widget" / "test" / "crack" / "000.tiff")
+    metrics_assert_bad_input(metrics_cli("--pred", pred, "--gt", gt), "crack/000.tiff", "NaN or inf")
+    gt, pred, _ = metrics_write_trees(tmp_path / "second", categories=("widget",))
+    csv_path = pred / "widget" / "scores.csv"
+    lines = csv_path.read_text().splitlines()
+    lines[2] = "test/good/001.tiff,nan"
+    csv_path.write_text("\n".join(lines) + "\n")
+    metrics_assert_bad_input(metrics_cli("--pred", pred, "--gt", gt), "scores.csv, line 3", "finite")
+
+
+def test_cli_rejects_maps_of_different_sizes_in_one_category(tmp_path):
+    gt, pred, _ = metrics_write_trees(tmp_path, categories=("widget",))
+    data.save_tiff(np.zeros((12, 16)), pred / "widget" / "test" / "crack" / "002.tiff")
+    metrics_assert_bad_input(metrics_cli("--pred", pred, "--gt", gt), "crack/002.tiff", "16x12", "one size")
+
+
+def test_cli_rejects_a_category_missing_from_the_ground_truth(tmp_path):
+    gt, pred, _ = metrics_write_trees(tmp_path, categories=("widget",))
+    (pred / "widget").rename(pred / "gizmo")
+    metrics_assert_bad_input(metrics_cli("--pred", pred, "--gt", gt), "gizmo", "ground truth")
+
+
+def test_cli_rejects_a_requested_category_without_predictions(tmp_path):
+    gt, pred, _ = metrics_write_trees(tmp_path, categories=("widget", "gadget"))
+    for path in sorted((pred / "gadget").rglob("*"), reverse=True):
+        path.rmdir() if path.is_dir() else path.unlink()
+    (pred / "gadget").rmdir()
+    metrics_assert_bad_input(metrics_cli("--pred", pred, "--gt", gt, "--categories", "widget", "gadget"),
+                             "gadget", "no predictions")
+    result = metrics_cli("--pred", pred, "--gt", gt)  # by default only the predicted categories, with a note
+    assert result.returncode == 0, result.stderr
+    assert "without predictions, not evaluated: gadget" in result.stdout
+
+
+def test_cli_summarize_rejects_runs_of_different_categories_and_bad_json(tmp_path):
+    for name, category in (("a.json", "widget"), ("b.json", "gadget")):
+        data.save_json({"categories": {category: {m: 0.5 for m in metrics.METRICS}},
+                        "mean": {m: 0.5 for m in metrics.METRICS}}, tmp_path / name)
+    metrics_assert_bad_input(metrics_cli("--summarize", tmp_path / "a.json", tmp_path / "b.json"),
+                             "b.json", "differ")
+    (tmp_path / "c.json").write_text("{not json")
+    metrics_assert_bad_input(metrics_cli("--summarize", tmp_path / "c.json"), "c.json")

@@ -1,0 +1,575 @@
+"""The five numbers of the paper (Sec. 5.1): I-AUC, I-F1, P-AUC, P-F1 and PRO, exact, from scratch in numpy.
+
+    python metrics.py --pred PRED --gt ROOT [--json FILE] [--categories bottle cable ...]
+    python metrics.py --summarize RUN1.json RUN2.json ...      mean +- std over runs (few-shot seeds)
+
+- I-AUC / P-AUC: area under the ROC curve of the image scores / of all pixels. Equal scores form one step of
+  the curve (a tie between a normal and an anomalous sample counts one half), never split by sort order.
+- I-F1 / P-F1: the maximum over all thresholds of F1 = 2PR / (P + R), a sample being positive when its score
+  is >= the threshold.
+- PRO: the MVTec AD protocol. Regions are the 8-connected components of each ground-truth mask. At each
+  threshold, FPR = fraction of all normal pixels of all images above it and PRO = mean over all regions of
+  all images of the fraction of the region above it. The PRO-FPR curve, with a vertex at every distinct score,
+  is integrated with the trapezoid rule up to FPR 0.3 (interpolated there) and divided by 0.3.
+
+Exact and fast: the pixel metrics sort the normal pixels once (a float32 copy, the only full-size one) and
+argsort only the anomalous pixels, which are few. P-AUC, P-F1 and the whole PRO curve then follow from counting
+normal pixels below each distinct anomalous score (`np.searchsorted`); no threshold grid, no float64 copy of
+the pixels, no loop over thresholds.
+
+Prediction tree (written by `vlad.py predict`, read by the CLI):
+
+    PRED/<category>/test/<defect>/<stem>.tiff   float32 anomaly map (PIL mode "F"), one per test image
+    PRED/<category>/scores.csv                  header `path,score`; path = `test/<defect>/<stem>.tiff`
+
+JSON written by --json (values are fractions in [0, 1]; null where a metric is undefined):
+
+    {"metrics": ["I-AUC", "I-F1", "P-AUC", "P-F1", "PRO"],
+     "categories": {"bottle": {"I-AUC": 0.99, "I-F1": 0.97, "P-AUC": 0.98, "P-F1": 0.71, "PRO": 0.93}, ...},
+     "mean": {"I-AUC": ..., ...},       # over the categories where the metric is defined
+     "info": {"bottle": {"images": 83, "anomalous": 63, "map_size": [256, 256], "masks_resized": 63}, ...},
+     "pred": "PRED", "gt": "ROOT"}
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+from PIL import Image
+
+import data
+
+METRICS = ("I-AUC", "I-F1", "P-AUC", "P-F1", "PRO")  # the column order of the paper's tables
+FPR_LIMIT = 0.3  # MVTec AD protocol: the PRO curve is integrated up to a false-positive rate of 30 %
+SCORES_CSV = "scores.csv"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Curves from two sorted score arrays
+#
+# Every metric below is a function of, for each distinct anomalous score v: how many anomalous scores are
+# >= v, and how many normal scores are < v and <= v. Thresholds between two anomalous scores only add false
+# positives, so these steps are all the curves need.
+# ---------------------------------------------------------------------------------------------------------
+
+
+class _Steps(NamedTuple):
+    """What every curve needs, per distinct anomalous score v_k (ascending, k = 0..m-1)."""
+
+    n_neg: int
+    n_pos: int
+    first: np.ndarray  # (m,) index of v_k's first occurrence among the sorted anomalous scores
+    below: np.ndarray  # (m,) normal scores < v_k
+    not_above: np.ndarray  # (m,) normal scores <= v_k
+
+
+def _steps(negative: np.ndarray, positive: np.ndarray) -> _Steps:
+    """negative (n_neg,) and positive (n_pos,) sorted ascending -> their _Steps, by binary search."""
+    is_first = np.ones(len(positive), dtype=bool)  # (n_pos,) True where a run of equal scores starts
+    is_first[1:] = positive[1:] != positive[:-1]
+    first = np.flatnonzero(is_first)
+    values = positive[first]
+    return _Steps(len(negative), len(positive), first, np.searchsorted(negative, values, side="left"),
+                  np.searchsorted(negative, values, side="right"))
+
+
+def _auroc_steps(steps: _Steps) -> float | None:
+    """Mann-Whitney: P(anomalous > normal) + P(tie) / 2, i.e. the area under the ROC curve with ties as one
+    diagonal step. None when one class is empty."""
+    if steps.n_neg == 0 or steps.n_pos == 0:
+        return None
+    ties = np.diff(steps.first, append=steps.n_pos)  # (m,) anomalous samples sharing each distinct score
+    twice_wins = int(np.dot(ties, steps.below + steps.not_above))  # exact integer count
+    return twice_wins / (2 * steps.n_neg * steps.n_pos)
+
+
+def _max_f1_steps(steps: _Steps) -> float | None:
+    """max over thresholds of F1 = 2 TP / (2 TP + FP + FN) = 2 TP / (TP + FP + n_pos). The maximum is at a
+    threshold equal to an anomalous score: raising any other threshold to the next anomalous score keeps TP and
+    drops false positives. None without anomalous samples."""
+    if steps.n_pos == 0:
+        return None
+    true_positives = steps.n_pos - steps.first  # anomalous scores >= v_k
+    false_positives = steps.n_neg - steps.below  # normal scores >= v_k
+    return float(np.max(2.0 * true_positives / (true_positives + false_positives + steps.n_pos)))
+
+
+def _area_up_to(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
+    """Trapezoid area under the polyline (x, y), x non-decreasing, from x[0] to x_max; the last segment is cut
+    at x_max with y interpolated linearly (as the MVTec AD reference does)."""
+    x0, x1, y0, y1 = x[:-1], x[1:], y[:-1], y[1:]
+    x1_cut = np.minimum(x1, x_max)
+    width = x1_cut - np.minimum(x0, x_max)  # 0 for segments past x_max and for vertical segments
+    slope = np.divide(y1 - y0, x1 - x0, out=np.zeros_like(y0), where=x1 > x0)
+    y1_cut = y0 + slope * (x1_cut - x0)
+    return float(np.sum(width * (y0 + y1_cut)) / 2.0)
+
+
+def _au_pro_steps(steps: _Steps, weight: np.ndarray, fpr_limit: float) -> float | None:
+    """Normalized area under the PRO-FPR curve up to fpr_limit.
+
+    weight (n_pos,), aligned with the sorted anomalous scores: 1 / (n_regions * size of the pixel's region),
+    so PRO(t) = sum of the weights of anomalous pixels >= t, and FPR(t) = (normal pixels >= t) / n_neg.
+    Walking the threshold down from +inf, the curve has, per distinct anomalous score v (descending):
+      a horizontal run to FPR(just above v) = (normal > v) / n_neg at the previous PRO, then
+      one segment to (FPR(v), PRO(v)) = ((normal >= v) / n_neg, PRO(v)) -- diagonal when normals tie with v,
+    and ends with a horizontal run to (1, 1). Thresholds at normal scores only add collinear vertices.
+    None without both anomalous and normal pixels.
+    """
+    n_neg = steps.n_neg
+    if n_neg == 0 or steps.n_pos == 0:
+        return None
+    pro = np.cumsum(weight[::-1])[::-1][steps.first]  # (m,) anomalous weight >= v_k
+    # From here on the thresholds v descend, as the curve is drawn.
+    pro = pro[::-1]
+    fpr_above = (n_neg - steps.not_above[::-1]) / n_neg  # normal pixels > v
+    fpr_at = (n_neg - steps.below[::-1]) / n_neg  # normal pixels >= v
+    pro_before = np.concatenate(([0.0], pro[:-1]))
+    x = np.concatenate(([0.0], np.stack([fpr_above, fpr_at], axis=1).ravel(), [1.0]))
+    y = np.concatenate(([0.0], np.stack([pro_before, pro], axis=1).ravel(), [pro[-1]]))
+    return _area_up_to(x, y, fpr_limit) / fpr_limit
+
+
+def _split_sorted(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    scores = np.asarray(scores).ravel()
+    labels = np.asarray(labels).ravel() > 0.5
+    if scores.shape != labels.shape:
+        raise ValueError(f"scores {scores.shape} and labels {labels.shape} differ in size")
+    negative, positive = scores[~labels], scores[labels]  # copies, sorted in place
+    negative.sort()
+    positive.sort()
+    _check_finite_sorted(negative, positive)
+    return negative, positive
+
+
+def _check_finite_sorted(*sorted_arrays: np.ndarray) -> None:
+    # NaN sorts last and -inf / +inf sort to the ends: checking both ends checks every score, at no cost.
+    for array in sorted_arrays:
+        if len(array) and not (np.isfinite(array[0]) and np.isfinite(array[-1])):
+            raise ValueError("scores contain NaN or inf")
+
+
+def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve, exact, ties as one step. scores (N,), labels (N,) 0 normal / 1 anomalous."""
+    value = _auroc_steps(_steps(*_split_sorted(scores, labels)))
+    if value is None:
+        raise ValueError("AUROC is undefined when all labels are one class")
+    return value
+
+
+def max_f1(scores: np.ndarray, labels: np.ndarray) -> float:
+    """The maximum F1 over all thresholds (positive when score >= threshold). scores (N,), labels (N,)."""
+    value = _max_f1_steps(_steps(*_split_sorted(scores, labels)))
+    if value is None:
+        raise ValueError("F1 is undefined without anomalous samples")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 8-connected regions of the ground-truth masks, labelled from scratch
+#
+# A mask row is a list of runs of anomalous pixels. Two runs in consecutive rows of one image touch
+# (8-connectivity) when their column ranges overlap or meet at a corner. The regions are the connected
+# components of the graph of touching runs, found with a vectorised union-find.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _mask_runs(masks: np.ndarray):
+    """masks (N, H, W) bool -> run_row (in the (N*H, W) row stack), run_start, run_end (exclusive), each (R,),
+    in raster order -- the order of `maps[masks]`."""
+    n, height, width = masks.shape
+    rows = masks.reshape(n * height, width)
+    edges = np.diff(rows, axis=1, prepend=False, append=False)  # (N*H, W+1) True where a run starts or ends
+    row, column = np.nonzero(edges)  # raster order: within a row, starts and ends alternate
+    return row[0::2], column[0::2], column[1::2]
+
+
+def _touching_runs(run_row, run_start, run_end, height: int, width: int):
+    """Pairs (a, b) of runs, b in the row below a in the same image, that are 8-connected."""
+    stride = width + 2  # a key row * stride + column orders runs as raster order does
+    start_key = run_row * stride + run_start
+    end_key = run_row * stride + run_end
+    row_below = (run_row + 1) * stride
+    # Run b touches run a when b.end >= a.start and b.start <= a.end (ends exclusive: corners count).
+    lo = np.searchsorted(end_key, row_below + run_start, side="left")
+    hi = np.searchsorted(start_key, row_below + run_end, side="right")
+    hi = np.where((run_row + 1) % height == 0, lo, hi)  # the last row of an image touches nothing below
+    count = np.maximum(hi - lo, 0)
+    a = np.repeat(np.arange(len(run_row)), count)
+    b = np.repeat(lo, count) + np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count)
+    return a, b
+
+
+def _union_find(n_nodes: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Root (smallest member) of each node's connected component, for the undirected edges (a, b).
+
+    Each round hooks every root under the smallest root it touches, then compresses paths so that every node
+    points at its root. Every tree with an edge to another tree merges each round: O(log n) rounds."""
+    parent = np.arange(n_nodes)
+    while True:
+        root_a, root_b = parent[a], parent[b]
+        differ = root_a != root_b
+        if not differ.any():
+            return parent
+        np.minimum.at(parent, np.maximum(root_a[differ], root_b[differ]),
+                      np.minimum(root_a[differ], root_b[differ]))
+        while True:
+            grandparent = parent[parent]
+            if np.array_equal(grandparent, parent):
+                break
+            parent = grandparent
+
+
+def _regions_of_runs(masks: np.ndarray):
+    """masks (N, H, W) bool -> region id of each run (R,) numbered 0.. in raster order, run lengths (R,),
+    number of regions."""
+    n, height, width = masks.shape
+    run_row, run_start, run_end = _mask_runs(masks)
+    root = _union_find(len(run_row), *_touching_runs(run_row, run_start, run_end, height, width))
+    _, region = np.unique(root, return_inverse=True)
+    return region, run_end - run_start, int(region.max()) + 1 if len(region) else 0
+
+
+def label_regions(masks: np.ndarray) -> tuple[np.ndarray, int]:
+    """The 8-connected regions of a mask (H, W) or of each mask of a stack (N, H, W), like
+    scipy.ndimage.label with a 3x3 structure per image: int32 labels of the same shape, 0 background, regions
+    numbered 1..n in raster order (across the whole stack), and n."""
+    masks = np.asarray(masks) > 0.5
+    stack = masks.reshape((-1,) + masks.shape[-2:])
+    region, run_length, n_regions = _regions_of_runs(stack)
+    labels = np.zeros(stack.shape, dtype=np.int32)
+    labels[stack] = np.repeat(region + 1, run_length)
+    return labels.reshape(masks.shape), n_regions
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------------------
+
+
+def pixel_metrics(anomaly_maps: np.ndarray, gt_masks: np.ndarray, fpr_limit: float = FPR_LIMIT) -> dict:
+    """P-AUC, P-F1 and PRO of a set of maps (N, H, W) against binary masks (N, H, W) (bool, 0/1 or 0/255),
+    from one sort. A metric that is undefined (no anomalous pixel; no normal pixel for P-AUC and PRO) is None.
+
+    Memory: the maps' float32 normal pixels once (sorted in place), plus a few arrays per anomalous pixel."""
+    anomaly_maps = np.asarray(anomaly_maps)
+    gt_masks = np.asarray(gt_masks)
+    gt_masks = gt_masks if gt_masks.dtype == bool else gt_masks > 0.5  # (N, H, W) bool
+    if anomaly_maps.shape != gt_masks.shape or anomaly_maps.ndim != 3:
+        raise ValueError(f"maps {anomaly_maps.shape} and masks {gt_masks.shape} must both be (N, H, W)")
+    region, run_length, n_regions = _regions_of_runs(gt_masks)
+    # PRO's weight per anomalous pixel, in raster order: 1 / (n_regions * size of its region).
+    region_size = np.bincount(region, weights=run_length, minlength=n_regions)  # (n_regions,)
+    pixel_weight = np.repeat(1.0 / (n_regions * region_size[region]), run_length) if n_regions else np.zeros(0)
+
+    positive = anomaly_maps[gt_masks]  # (n_pos,) raster order, like the runs
+    order = np.argsort(positive)  # tied scores may come in any order: their weights are summed together
+    positive, pixel_weight = positive[order], pixel_weight[order]
+    del order
+    negative = anomaly_maps[~gt_masks]  # (n_neg,) the one full-size copy
+    negative.sort()
+    _check_finite_sorted(negative, positive)
+    steps = _steps(negative, positive)
+    return {"P-AUC": _auroc_steps(steps), "P-F1": _max_f1_steps(steps),
+            "PRO": _au_pro_steps(steps, pixel_weight, fpr_limit)}
+
+
+def au_pro(anomaly_maps: np.ndarray, gt_masks: np.ndarray, fpr_limit: float = FPR_LIMIT) -> float:
+    """Normalized area under the PRO curve up to fpr_limit (MVTec AD protocol). maps and masks (N, H, W)."""
+    value = pixel_metrics(anomaly_maps, gt_masks, fpr_limit)["PRO"]
+    if value is None:
+        raise ValueError("AU-PRO is undefined without both anomalous and normal pixels")
+    return value
+
+
+def image_metrics(image_scores: np.ndarray, image_labels: np.ndarray) -> dict:
+    """I-AUC and I-F1 of image scores (N,) against labels (N,); None where undefined (one class only)."""
+    steps = _steps(*_split_sorted(image_scores, image_labels))
+    return {"I-AUC": _auroc_steps(steps), "I-F1": _max_f1_steps(steps)}
+
+
+def evaluate_category(image_scores: np.ndarray, image_labels: np.ndarray, anomaly_maps: np.ndarray,
+                      gt_masks: np.ndarray, fpr_limit: float = FPR_LIMIT) -> dict:
+    """The paper's five numbers for one category, as fractions in [0, 1] (None where undefined):
+    image scores (N,), image labels (N,), anomaly maps (N, H, W), ground-truth masks (N, H, W)."""
+    return {**image_metrics(image_scores, image_labels), **pixel_metrics(anomaly_maps, gt_masks, fpr_limit)}
+
+
+def mean_over_categories(results: dict[str, dict]) -> dict:
+    """Per metric, the mean over the categories where it is defined (None when it is defined nowhere)."""
+    mean = {}
+    for metric in METRICS:
+        values = [r[metric] for r in results.values() if r.get(metric) is not None]
+        mean[metric] = float(np.mean(values)) if values else None
+    return mean
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading a prediction tree against an MVTec-layout ground truth
+# ---------------------------------------------------------------------------------------------------------
+
+
+def read_scores_csv(path: Path) -> dict[str, float]:
+    """scores.csv -> {relative tiff path: image score}; DataError naming the file and line on any bad row."""
+    if not path.is_file():
+        raise data.DataError(f"{path}: missing; the image scores of a category go in scores.csv (path,score).")
+    scores: dict[str, float] = {}
+    with path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.reader(handle)
+        header = next(reader, None)
+        if header is None or [h.strip() for h in header] != ["path", "score"]:
+            raise data.DataError(f"{path}: the first line must be the header 'path,score'.")
+        for line, row in enumerate(reader, start=2):
+            if not row:
+                continue
+            try:
+                relative, score = row[0].strip(), float(row[1])
+            except (IndexError, ValueError):
+                raise data.DataError(f"{path}, line {line}: expected 'path,score', got {','.join(row)!r}.") \
+                    from None
+            if not math.isfinite(score):
+                raise data.DataError(f"{path}, line {line}: the score of {relative} is {score}; scores must be "
+                                     f"finite.")
+            if relative in scores:
+                raise data.DataError(f"{path}, line {line}: {relative} is listed twice.")
+            scores[relative] = score
+    return scores
+
+
+def load_category(pred_root: Path, gt_root: Path, category: str):
+    """Read one category's predictions and ground truth.
+
+    Returns image scores (N,) float64, labels (N,) int, maps (N, H, W) float32, masks (N, H, W) bool and an
+    info dict. Every mismatch between the two trees is a DataError naming the file."""
+    samples = data.read_split(gt_root, category, "test")
+    if not samples:
+        raise data.DataError(f"{gt_root / category / 'test'}: category {category!r} has no test images.")
+    pred_dir = pred_root / category
+    expected = {f"test/{s.defect}/{s.image.stem}.tiff": s for s in samples}  # the prediction of each image
+    if len(expected) < len(samples):
+        raise data.DataError(f"{gt_root / category / 'test'}: two test images of one defect share a file name "
+                             f"stem, so their predictions would share one .tiff; rename one.")
+    found = {p.relative_to(pred_dir).as_posix() for p in pred_dir.glob("test/*/*.tiff")}
+    extra = sorted(found - expected.keys())
+    if extra:
+        raise data.DataError(f"{pred_dir / extra[0]}: prediction without a ground-truth image in "
+                             f"{gt_root / category / 'test'} ({len(extra)} such maps).")
+    missing = [relative for relative in expected if relative not in found]
+    if missing:
+        raise data.DataError(f"{expected[missing[0]].image}: no prediction; expected {pred_dir / missing[0]} "
+                             f"({len(missing)} test images without a map).")
+    scores_path = pred_dir / SCORES_CSV
+    scores = read_scores_csv(scores_path)
+    extra = sorted(scores.keys() - expected.keys())
+    if extra:
+        raise data.DataError(f"{scores_path}: {extra[0]} has no ground-truth image in {gt_root / category} "
+                             f"({len(extra)} such rows).")
+    missing = [relative for relative in expected if relative not in scores]
+    if missing:
+        raise data.DataError(f"{scores_path}: no score for {missing[0]} ({len(missing)} test images without a "
+                             f"score).")
+
+    maps = masks = None
+    resized = 0
+    items = list(expected.items())
+    try:
+        from tqdm import tqdm
+        items = tqdm(items, desc=category, unit="img", leave=False, disable=None)  # bar on a terminal only
+    except ImportError:
+        pass
+    for i, (relative, sample) in enumerate(items):
+        tiff = pred_dir / relative
+        anomaly_map = data.load_tiff(tiff)
+        if anomaly_map.ndim != 2:
+            raise data.DataError(f"{tiff}: an anomaly map must be one (H, W) channel, got shape "
+                                 f"{anomaly_map.shape}.")
+        if maps is None:
+            maps = np.empty((len(samples),) + anomaly_map.shape, dtype=np.float32)  # (N, H, W)
+            masks = np.zeros((len(samples),) + anomaly_map.shape, dtype=bool)
+        if anomaly_map.shape != maps.shape[1:]:
+            raise data.DataError(f"{tiff}: map is {anomaly_map.shape[1]}x{anomaly_map.shape[0]} but the first map "
+                                 f"of {category!r} is {maps.shape[2]}x{maps.shape[1]}; write every map of a "
+                                 f"category at one size.")
+        if not np.isfinite(anomaly_map).all():
+            raise data.DataError(f"{tiff}: the map contains NaN or inf.")
+        maps[i] = anomaly_map
+        if sample.mask is not None:
+            map_size = (anomaly_map.shape[1], anomaly_map.shape[0])  # (W, H)
+            masks[i] = data.load_mask(sample.mask, size=map_size) > 0.5  # nearest neighbour if sizes differ
+            with Image.open(sample.mask) as header:  # reads the header only
+                resized += header.size != map_size
+    labels = np.array([s.label for s in expected.values()])
+    image_scores = np.array([scores[relative] for relative in expected])
+    info = {"images": len(samples), "anomalous": int(labels.sum()), "map_size": [maps.shape[2], maps.shape[1]],
+            "masks_resized": resized}
+    return image_scores, labels, maps, masks, info
+
+
+def prediction_categories(pred_root: Path) -> list[str]:
+    """The categories of a prediction tree: sub-folders holding scores.csv or test/."""
+    if not pred_root.is_dir():
+        raise data.DataError(f"{pred_root}: no such prediction folder.")
+    return sorted(p.name for p in pred_root.iterdir() if (p / SCORES_CSV).is_file() or (p / "test").is_dir())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tables
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _percent(value) -> str:
+    return "n/a" if value is None else f"{100.0 * value:.1f}"
+
+
+def format_table(results: dict[str, dict], mean: dict) -> str:
+    """Per-category rows and the mean row, in %, in the paper's column order."""
+    width = max([len("category")] + [len(c) for c in results])
+    lines = [f"{'category':<{width}}" + "".join(f"{m:>8}" for m in METRICS)]
+    for name, row in list(results.items()) + [("mean", mean)]:
+        lines.append(f"{name:<{width}}" + "".join(f"{_percent(row[m]):>8}" for m in METRICS))
+    return "\n".join(lines)
+
+
+def summarize(runs: list[dict]) -> dict:
+    """mean and sample std (ddof=1; 0 for one run) over runs of each category's metrics and of the mean row.
+    Categories must be the same in every run."""
+    summary: dict = {"categories": {}, "mean": {}}
+    for name in runs[0]["categories"]:
+        summary["categories"][name] = {m: _mean_std([r["categories"][name][m] for r in runs]) for m in METRICS}
+    summary["mean"] = {m: _mean_std([r["mean"][m] for r in runs]) for m in METRICS}
+    return summary
+
+
+def _mean_std(values: list) -> dict:
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"mean": None, "std": None, "n": 0}
+    std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    return {"mean": float(np.mean(values)), "std": std, "n": len(values)}
+
+
+def format_summary(summary: dict) -> str:
+    rows = list(summary["categories"].items()) + [("mean", summary["mean"])]
+    width = max(len("category"), *(len(name) for name, _ in rows))
+    cells = {name: [("n/a" if row[m]["mean"] is None else
+                     f"{100 * row[m]['mean']:.1f} ± {100 * row[m]['std']:.1f}") for m in METRICS]
+             for name, row in rows}
+    column = max(12, *(len(c) + 2 for values in cells.values() for c in values))
+    lines = [f"{'category':<{width}}" + "".join(f"{m:>{column}}" for m in METRICS)]
+    lines += [f"{name:<{width}}" + "".join(f"{c:>{column}}" for c in cells[name]) for name, _ in rows]
+    return "\n".join(lines)
+
+
+def load_run(path: Path) -> dict:
+    """A JSON file written by --json, checked enough that --summarize fails with a message, not a traceback."""
+    try:
+        run = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise data.DataError(f"{path}: no such file.") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise data.DataError(f"{path}: not a JSON file written by metrics.py --json ({error}).") from None
+    ok = isinstance(run, dict) and isinstance(run.get("categories"), dict) and isinstance(run.get("mean"), dict)
+    rows = list(run["categories"].values()) + [run["mean"]] if ok else []
+    if not ok or not all(isinstance(r, dict) and all(m in r for m in METRICS) for r in rows):
+        raise data.DataError(f"{path}: not a JSON file written by metrics.py --json (needs 'categories' and "
+                             f"'mean' with {', '.join(METRICS)}).")
+    return run
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------------------
+
+
+def run_evaluation(args) -> None:
+    started = time.time()
+    pred_root, gt_root = Path(args.pred), Path(args.gt)
+    categories = args.categories or prediction_categories(pred_root)
+    if not categories:
+        raise data.DataError(f"{pred_root}: no category folders (PRED/<category>/scores.csv) inside.")
+    known = data.list_categories(gt_root)
+    for category in categories:
+        if category not in known:
+            raise data.DataError(f"{pred_root / category}: no category {category!r} in the ground truth {gt_root} "
+                                 f"(it has: {', '.join(known) or 'none'}).")
+        if not (pred_root / category).is_dir():
+            raise data.DataError(f"{pred_root / category}: no predictions for category {category!r}.")
+    results, info, notes = {}, {}, []
+    for category in categories:
+        scores, labels, maps, masks, info[category] = load_category(pred_root, gt_root, category)
+        results[category] = evaluate_category(scores, labels, maps, masks, args.fpr_limit)
+        del maps, masks
+        if info[category]["masks_resized"]:
+            notes.append(f"{category}: {info[category]['masks_resized']} ground-truth masks resized to the map "
+                         f"size {info[category]['map_size'][0]}x{info[category]['map_size'][1]} "
+                         f"(nearest neighbour).")
+        for kind, group in (("images", METRICS[:2]), ("pixels", METRICS[2:])):
+            undefined = [m for m in group if results[category][m] is None]
+            if undefined:
+                notes.append(f"{category}: {', '.join(undefined)} undefined, the test {kind} are all one class "
+                             f"(shown as n/a, null in JSON).")
+    mean = mean_over_categories(results)
+    print(format_table(results, mean))
+    for note in notes:
+        print(f"note: {note}")
+    skipped = sorted(set(known) - set(categories))
+    if skipped and not args.categories:
+        print(f"note: categories of {gt_root} without predictions, not evaluated: {', '.join(skipped)}.")
+    images = sum(i["images"] for i in info.values())
+    print(f"evaluated {len(categories)} categories, {images} images in {time.time() - started:.1f} s")
+    if args.json:
+        data.save_json({"metrics": list(METRICS), "categories": results, "mean": mean, "info": info,
+                        "pred": str(pred_root), "gt": str(gt_root)}, args.json)
+        print(f"wrote {args.json}")
+
+
+def run_summary(args) -> None:
+    runs = [load_run(Path(p)) for p in args.summarize]
+    names = list(runs[0]["categories"])
+    for path, run in zip(args.summarize, runs):
+        if set(run["categories"]) != set(names):
+            raise data.DataError(f"{path}: its categories ({', '.join(run['categories'])}) differ from those of "
+                                 f"{args.summarize[0]} ({', '.join(names)}); summarize runs of one benchmark.")
+    summary = summarize(runs)
+    print(format_summary(summary))
+    print(f"mean ± sample std over {len(runs)} runs")
+    if args.json:
+        data.save_json({"metrics": list(METRICS), "runs": [str(p) for p in args.summarize], **summary}, args.json)
+        print(f"wrote {args.json}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pred", help="prediction tree: PRED/<category>/test/<defect>/<stem>.tiff + scores.csv")
+    parser.add_argument("--gt", help="MVTec-layout ground-truth root")
+    parser.add_argument("--categories", nargs="+", help="evaluate only these (default: every category of PRED)")
+    parser.add_argument("--json", help="also write the numbers to this JSON file (fractions in [0, 1])")
+    parser.add_argument("--fpr-limit", type=float, default=FPR_LIMIT, help="PRO integration limit (default 0.3)")
+    parser.add_argument("--summarize", nargs="+", metavar="RUN.json",
+                        help="print mean +- std over the JSON files of several runs instead of evaluating")
+    args = parser.parse_args(argv)
+    if args.summarize and (args.pred or args.gt):
+        parser.error("--summarize takes JSON files only; do not combine it with --pred/--gt")
+    if not args.summarize and not (args.pred and args.gt):
+        parser.error("give --pred PRED and --gt ROOT (or --summarize RUN.json ...)")
+    if not 0.0 < args.fpr_limit <= 1.0:
+        parser.error(f"--fpr-limit must be in (0, 1], got {args.fpr_limit}")
+    try:
+        run_summary(args) if args.summarize else run_evaluation(args)
+    except data.DataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
