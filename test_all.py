@@ -16,6 +16,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import csv
 import io
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -24,11 +25,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 import data
 from scipy import ndimage
 from sklearn.metrics import precision_recall_curve, roc_auc_score
 import metrics
+import vlad
 
 torch.set_num_threads(1)  # two spinning OpenMP threads on a shared 2-core machine can be 50x slower
 
@@ -743,3 +746,444 @@ def test_cli_summarize_rejects_runs_of_different_categories_and_bad_json(tmp_pat
                              "b.json", "differ")
     (tmp_path / "c.json").write_text("{not json")
     metrics_assert_bad_input(metrics_cli("--summarize", tmp_path / "c.json"), "c.json")
+
+
+# =========================================================================================================
+# vlad.py: losses, Eq. 8 / Eq. 9 against independent computations, training, caching, resume, prediction
+# =========================================================================================================
+
+VLAD_TINY_SIZE = 112  # input size of the tests: 7 x 7 patches of 16 (the tiny model is saved at 64 px, so the
+#                       positional embedding is interpolated on load, as for ViT-L at 518)
+
+
+def build_tiny_clip(folder, width: int = 64, embed_dim: int = 32, layers: int = 4, seed: int = 0) -> str:
+    """A random-weight open_clip ViT (vision width 64, 4 blocks, patch 16; text width 32, 1 block) saved as
+    open_clip_config.json + open_clip_model.safetensors; returns the `local-dir:` model name that loads it
+    through open_clip.create_model, the same path a user's model takes."""
+    import open_clip
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model_cfg = {
+        "embed_dim": embed_dim, "quick_gelu": True,
+        "vision_cfg": {"image_size": 64, "layers": layers, "width": width, "patch_size": 16, "head_width": 16},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    }
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(**model_cfg)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              str(folder / "open_clip_model.safetensors"))
+    preprocess_cfg = {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]}
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg,
+                                                              "preprocess_cfg": preprocess_cfg}))
+    return f"local-dir:{folder}"
+
+
+@pytest.fixture(scope="session")
+def vlad_tiny_clip(tmp_path_factory) -> str:
+    return build_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))
+
+
+def vlad_make_synthetic_dataset(root, categories=("texture",), n_train: int = 4, n_good: int = 2, n_bad: int = 6,
+                                size=(VLAD_TINY_SIZE, VLAD_TINY_SIZE), soft: bool = False, seed: int = 0):
+    """An MVTec-layout tree of smooth gray textures; anomalies are bright or dark discs pasted on them, their
+    masks beside them (soft: a probability falling off towards the rim, like CUT's; else 0/255)."""
+    rng = np.random.default_rng(seed)
+    width, height = size
+    root = Path(root)
+
+    def texture():
+        coarse = rng.normal(0, 1, (6, 6)).astype(np.float32)
+        smooth = np.asarray(Image.fromarray(coarse, mode="F").resize((width, height), Image.BICUBIC))
+        gray = 128 + 18 * smooth + rng.normal(0, 4, (height, width))
+        return np.repeat(gray[..., None], 3, axis=2)
+
+    for category in categories:
+        for i in range(n_train):
+            data.save_image(np.clip(texture(), 0, 255).astype(np.uint8),
+                            root / category / "train/good" / f"{i:03d}.png")
+        for i in range(n_good):
+            data.save_image(np.clip(texture(), 0, 255).astype(np.uint8), root / category / "test/good" / f"{i:03d}.png")
+        for i in range(n_bad):
+            defect = "bright" if i % 2 == 0 else "dark"
+            image = texture()
+            radius = rng.uniform(0.12, 0.2) * min(width, height)
+            cy, cx = rng.uniform(radius, height - radius), rng.uniform(radius, width - radius)
+            yy, xx = np.mgrid[:height, :width]
+            distance = np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2) / radius
+            disc = distance <= 1
+            image[disc] = 235 if defect == "bright" else 20
+            mask = np.clip(1.3 - distance, 0, 1) * disc if soft else disc.astype(np.float64)
+            data.save_image(np.clip(image, 0, 255).astype(np.uint8), root / category / "test" / defect / f"{i:03d}.png")
+            data.save_mask(mask, data.mask_path(root, category, defect, f"{i:03d}"))
+    return root
+
+
+def vlad_train_args(model: str, gen: Path, out: Path, *extra) -> list[str]:
+    return ["train", "--data", str(gen), "--out", str(out), "--model", model, "--image-size", str(VLAD_TINY_SIZE),
+            "--batch-size", "4", "--quiet", *map(str, extra)]
+
+
+def vlad_run_cli(*args):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, str(HERE / "vlad.py"), *map(str, args)], cwd=HERE, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def vlad_bilinear(grid: np.ndarray, size: int) -> np.ndarray:
+    """Independent bilinear upsampling with half-pixel centres (align_corners=False), (C, h, w) -> (C, S, S)."""
+    channels, h, w = grid.shape
+    out = np.zeros((channels, size, size))
+    for y in range(size):
+        sy = max((y + 0.5) * h / size - 0.5, 0.0)
+        y0 = min(int(math.floor(sy)), h - 1)
+        y1, fy = min(y0 + 1, h - 1), sy - y0
+        for x in range(size):
+            sx = max((x + 0.5) * w / size - 0.5, 0.0)
+            x0 = min(int(math.floor(sx)), w - 1)
+            x1, fx = min(x0 + 1, w - 1), sx - x0
+            out[:, y, x] = ((1 - fy) * ((1 - fx) * grid[:, y0, x0] + fx * grid[:, y0, x1])
+                            + fy * ((1 - fx) * grid[:, y1, x0] + fx * grid[:, y1, x1]))
+    return out
+
+
+def test_focal_loss_equals_hand_computed_value():
+    probability, target = torch.tensor([0.9, 0.2, 0.6]), torch.tensor([1.0, 0.0, 0.0])
+    # -alpha_t (1 - p_t)^2 log p_t with alpha_t = 0.25 for positives, 0.75 for negatives
+    expected = (-0.25 * 0.1 ** 2 * math.log(0.9) - 0.75 * 0.2 ** 2 * math.log(0.8)
+                - 0.75 * 0.6 ** 2 * math.log(0.4)) / 3
+    assert vlad.focal_loss(probability, target).item() == pytest.approx(expected, rel=1e-6)
+    expected_gamma0_alpha_half = (-0.5 * math.log(0.9) - 0.5 * math.log(0.8) - 0.5 * math.log(0.4)) / 3
+    assert vlad.focal_loss(probability, target, gamma=0.0, alpha=0.5).item() == pytest.approx(
+        expected_gamma0_alpha_half, rel=1e-6)
+
+
+def test_bce_with_soft_targets_equals_hand_computed_value():
+    probability = torch.tensor([[[0.8, 0.3], [0.5, 0.1]]])
+    target = torch.tensor([[[1.0, 0.5], [0.0, 0.2]]])
+    expected = -(math.log(0.8) + (0.5 * math.log(0.3) + 0.5 * math.log(0.7)) + math.log(0.5)
+                 + (0.2 * math.log(0.1) + 0.8 * math.log(0.9))) / 4
+    assert vlad.bce_loss(probability, target).item() == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("beta", [0.5, 1.0, 2.0])
+def test_adapted_dice_equals_hand_computed_value_for_each_beta(beta):
+    probability = torch.tensor([[[0.8, 0.3], [0.5, 0.1]], [[0.2, 0.0], [0.0, 0.2]]])
+    target = torch.tensor([[[1.0, 0.5], [0.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]]])
+    dice_1 = (2 * (0.8 + 0.15) + 1) / (1.5 + 1.7 + 1)  # image 1: sum yp 0.95, sum y 1.5, sum p 1.7
+    dice_2 = 1 / (0.4 + 1)  # image 2: empty mask, sum p 0.4
+    expected = ((1 - dice_1 / (dice_1 + beta)) + (1 - dice_2 / (dice_2 + beta))) / 2
+    assert vlad.dice_loss(probability, target, beta).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_total_loss_is_focal_plus_omega_times_stage_sum_of_bce_and_dice():
+    s_vl, y_img = torch.tensor([0.7]), torch.tensor([1.0])
+    stage_1 = torch.tensor([[[0.8, 0.3], [0.5, 0.1]]])
+    stage_2 = torch.tensor([[[0.6, 0.6], [0.2, 0.4]]])
+    y_pix = torch.tensor([[[1.0, 0.5], [0.0, 0.0]]])
+
+    def bce(p, y):
+        return -sum(yi * math.log(pi) + (1 - yi) * math.log(1 - pi) for pi, yi in zip(p, y)) / len(p)
+
+    def dice_loss(p, y, beta=1.0):
+        dice = (2 * sum(pi * yi for pi, yi in zip(p, y)) + 1) / (sum(y) + sum(p) + 1)
+        return 1 - dice / (dice + beta)
+
+    y = [1.0, 0.5, 0.0, 0.0]
+    focal = -0.25 * 0.3 ** 2 * math.log(0.7)
+    expected = focal + 6 * (bce([0.8, 0.3, 0.5, 0.1], y) + dice_loss([0.8, 0.3, 0.5, 0.1], y)
+                            + bce([0.6, 0.6, 0.2, 0.4], y) + dice_loss([0.6, 0.6, 0.2, 0.4], y))
+    stages = torch.stack([stage_1, stage_2], dim=1)
+    total = vlad.vlad_loss(s_vl, y_img, stages, y_pix)
+    assert total.item() == pytest.approx(expected, rel=1e-6)
+    # Table 4 ablation: y_img only is the focal term, y_pix only the weighted pixel terms
+    assert vlad.vlad_loss(s_vl, y_img, stages, y_pix, terms="image").item() == pytest.approx(focal, rel=1e-6)
+    assert vlad.vlad_loss(s_vl, y_img, stages, y_pix, terms="pixel").item() == pytest.approx(expected - focal,
+                                                                                              rel=1e-6)
+
+
+def test_stages_are_quarter_depths_and_prompts_cover_every_state_and_template():
+    assert vlad.default_stages(24) == [6, 12, 18, 24]
+    assert vlad.default_stages(12) == [3, 6, 9, 12]
+    assert vlad.default_stages(4) == [1, 2, 3, 4]
+    normal, abnormal = vlad.prompt_sentences("metal_nut")
+    assert len(vlad.TEMPLATES) == 35
+    assert len(normal) == 7 * 35 and len(abnormal) == 5 * 35
+    assert "a photo of a flawless metal nut." in normal and "a photo of a damaged metal nut." in abnormal
+
+
+def test_vision_language_map_and_score_equal_independent_eq8():
+    generator = torch.Generator().manual_seed(0)
+    batch, side, channels, size = 2, 3, 8, 7
+    patch = [torch.nn.functional.normalize(torch.randn(batch, side * side, channels, generator=generator), dim=-1)
+             for _ in range(2)]
+    text = torch.nn.functional.normalize(torch.randn(batch, 2, channels, generator=generator), dim=-1)
+    image = torch.nn.functional.normalize(torch.randn(batch, channels, generator=generator), dim=-1)
+    stage_maps = vlad.vision_language_maps(patch, text, size).double().numpy()
+    score = vlad.vision_language_score(image, text).double().numpy()
+    for b in range(batch):
+        t = text[b].double().numpy()
+        m_vl = np.zeros((size, size))
+        for features in patch:
+            logits = 100.0 * features[b].double().numpy() @ t.T  # (N, 2)
+            up = vlad_bilinear(logits.T.reshape(2, side, side), size)
+            m_vl += np.exp(up[1]) / (np.exp(up[0]) + np.exp(up[1]))
+        np.testing.assert_allclose(stage_maps[b].sum(0), m_vl, atol=1e-5)
+        logits = 100.0 * image[b].double().numpy() @ t.T
+        np.testing.assert_allclose(score[b], np.exp(logits[1]) / np.exp(logits).sum(), atol=1e-6)
+
+
+def test_vision_vision_map_equals_brute_force_eq9_and_chunked_equals_unchunked():
+    generator = torch.Generator().manual_seed(1)
+    batch, side, channels, size = 2, 4, 6, 9
+    patch = [torch.nn.functional.normalize(torch.randn(batch, side * side, channels, generator=generator), dim=-1)
+             for _ in range(3)]
+    bank = [torch.nn.functional.normalize(torch.randn(37, channels, generator=generator), dim=-1) for _ in range(3)]
+    m_vv = vlad.vision_vision_map(patch, bank, size, chunk=5).double().numpy()
+    unchunked = vlad.vision_vision_map(patch, bank, size, chunk=10_000).double().numpy()
+    np.testing.assert_allclose(m_vv, unchunked, atol=1e-6, rtol=0)  # same maxima; only matmul blocking differs
+    for b in range(batch):
+        distance = np.zeros(side * side)
+        for features, memory in zip(patch, bank):
+            f, m = features[b].double().numpy(), memory.double().numpy()
+            for n in range(side * side):  # brute force: every query against every bank entry
+                distance[n] += 1 - max(float(f[n] @ m[j]) for j in range(len(m)))
+        np.testing.assert_allclose(m_vv[b], vlad_bilinear(distance.reshape(1, side, side), size)[0], atol=1e-5)
+    tokens = torch.randn(batch, 3, side * side, channels, generator=generator)
+    detector = vlad.VLAD(channels, channels, 3)
+    bank_of_self = vlad.build_memory_bank(detector, tokens)
+    text = torch.nn.functional.normalize(torch.randn(batch, 2, channels, generator=generator), dim=-1)
+    embedding = torch.randn(batch, channels, generator=generator)
+    anomaly_map, score = detector.detect(tokens, embedding, text, size, bank_of_self, chunk=7)
+    zero_shot_map, zero_shot_score = detector.detect(tokens, embedding, text, size)
+    # the images are in their own memory bank: M_VV = 0, so the fused outputs equal the zero-shot ones
+    torch.testing.assert_close(anomaly_map, zero_shot_map, atol=1e-5, rtol=0)
+    torch.testing.assert_close(score, zero_shot_score, atol=1e-5, rtol=0)
+
+
+def test_untrained_vlad_image_score_equals_zero_shot_clip_abnormal_probability(vlad_tiny_clip, tmp_path):
+    import open_clip
+
+    root = vlad_make_synthetic_dataset(tmp_path / "ds", n_train=0, n_good=1, n_bad=2)
+    paths = [s.image for s in data.read_split(root, "texture", "test")]
+    backbone = vlad.Backbone(vlad_tiny_clip, None, VLAD_TINY_SIZE)
+    detector = vlad.VLAD(backbone.width, backbone.embed_dim, len(backbone.stages))
+    pixels = torch.stack([backbone.preprocess(data.load_image(p)) for p in paths])
+    tokens, embedding = backbone.encode_images(pixels)
+    text = backbone.text_features("texture")
+    _, s_vl = detector(tokens, embedding, text.expand(len(paths), -1, -1), VLAD_TINY_SIZE)
+
+    # zero-shot CLIP, computed from the open_clip model's own encode_image / encode_text
+    clip = backbone.model
+    tokenizer = open_clip.get_tokenizer(vlad_tiny_clip)
+    states = []
+    for sentences in vlad.prompt_sentences("texture"):
+        features = clip.encode_text(tokenizer(sentences), normalize=True).mean(dim=0)
+        states.append(features / features.norm())
+    image_features = clip.encode_image(pixels, normalize=True)
+    expected = (100.0 * image_features @ torch.stack(states).T).softmax(dim=-1)[:, 1]
+    torch.testing.assert_close(s_vl, expected, atol=1e-5, rtol=1e-5)
+    assert len(backbone.stages) == 4 and tokens.shape == (3, 4, 49, 64)
+
+
+@pytest.fixture(scope="session")
+def vlad_trained_run(vlad_tiny_clip, tmp_path_factory):
+    """A tiny VLAD trained for 12 epochs on a generated-like folder (soft masks); its held-out evaluation set."""
+    base = tmp_path_factory.mktemp("vlad_run")
+    gen = vlad_make_synthetic_dataset(base / "gen", n_train=4, n_good=0, n_bad=12, soft=True, seed=1)
+    held_out = vlad_make_synthetic_dataset(base / "heldout", n_train=3, n_good=3, n_bad=6, size=(120, 100), seed=2)
+    run = base / "run"
+    assert vlad.main(vlad_train_args(vlad_tiny_clip, gen, run, "--epochs", "12", "--lr", "1e-3")) == 0
+    return {"run": run, "gen": gen, "held_out": held_out, "base": base}
+
+
+def vlad_pixel_auroc(pred: Path, gt: Path, json_file: Path) -> float:
+    assert metrics.main(["--pred", str(pred), "--gt", str(gt), "--json", str(json_file)]) == 0
+    return json.loads(json_file.read_text())["mean"]["P-AUC"]
+
+
+def test_training_lowers_loss_and_raises_held_out_pixel_auroc(vlad_trained_run, tmp_path):
+    run, held_out = vlad_trained_run["run"], vlad_trained_run["held_out"]
+    log = data.read_jsonl(run / "log.jsonl")
+    assert [r["epoch"] for r in log] == list(range(1, 13))
+    assert log[-1]["loss"] < 0.8 * log[0]["loss"]
+    # epoch 0 of the same run = untrained adapters: a second run with --epochs 0 writes exactly that checkpoint
+    untrained = tmp_path / "untrained"
+    assert vlad.main(vlad_train_args(
+        json.loads((run / "config.json").read_text())["model"], vlad_trained_run["gen"], untrained,
+        "--epochs", "0")) == 0
+    for name, ckpt in (("before", untrained), ("after", run)):
+        assert vlad.main(["predict", "--ckpt", str(ckpt), "--data", str(held_out), "--k-shot", "0",
+                          "--out", str(tmp_path / name), "--quiet"]) == 0
+    before = vlad_pixel_auroc(tmp_path / "before", held_out, tmp_path / "before.json")
+    after = vlad_pixel_auroc(tmp_path / "after", held_out, tmp_path / "after.json")
+    assert after > before + 0.1 and after > 0.8, (before, after)
+
+
+def test_predict_writes_maps_at_image_size_scores_overlays_and_k_shot_record(vlad_trained_run, tmp_path):
+    run, held_out = vlad_trained_run["run"], vlad_trained_run["held_out"]
+    pred = tmp_path / "pred"
+    assert vlad.main(["predict", "--ckpt", str(run), "--data", str(held_out), "--k-shot", "2", "--seed", "3",
+                      "--out", str(pred), "--quiet"]) == 0
+    test = data.read_split(held_out, "texture", "test")
+    record = json.loads((pred / "texture/k_shot.json").read_text())
+    normals = [s.image for s in data.read_split(held_out, "texture", "train")]
+    assert record["k"] == 2 and record["seed"] == 3 and record["epoch"] == 12 and record["checkpoint"] == str(run)
+    assert record["images"] == [f"train/good/{p.name}" for p in data.select_k_shot(normals, 2, 3)]
+    rows = (pred / "texture/scores.csv").read_text().splitlines()
+    assert rows[0] == "path,score" and len(rows) == 1 + len(test)
+    expected_paths = sorted(f"test/{s.defect}/{s.image.stem}.tiff" for s in test)
+    assert [r.split(",")[0] for r in rows[1:]] == expected_paths
+    for sample in test:
+        anomaly_map = data.load_tiff(pred / "texture/test" / sample.defect / f"{sample.image.stem}.tiff")
+        assert anomaly_map.shape == (100, 120) and anomaly_map.dtype == np.float32
+        assert Image.open(pred / "texture/overlay" / sample.defect / f"{sample.image.stem}.png").size == (120, 100)
+    # k = all: the bank holds every train/good image; a second run on the same --out with another k is refused
+    assert vlad.main(["predict", "--ckpt", str(run), "--data", str(held_out), "--k-shot", "all",
+                      "--out", str(tmp_path / "full"), "--quiet"]) == 0
+    assert json.loads((tmp_path / "full/texture/k_shot.json").read_text())["k"] == 3
+    assert vlad.main(["predict", "--ckpt", str(run), "--data", str(held_out), "--k-shot", "1",
+                      "--out", str(pred), "--quiet"]) == 2
+
+
+def test_sharded_prediction_equals_unsharded_and_last_shard_writes_scores(vlad_trained_run, tmp_path):
+    run, held_out = vlad_trained_run["run"], vlad_trained_run["held_out"]
+    common = ["predict", "--ckpt", str(run), "--data", str(held_out), "--k-shot", "1", "--quiet"]
+    assert vlad.main(common + ["--out", str(tmp_path / "one")]) == 0
+    assert vlad.main(common + ["--out", str(tmp_path / "two"), "--shard", "0/2"]) == 0
+    assert not (tmp_path / "two/texture/scores.csv").exists()
+    assert vlad.main(common + ["--out", str(tmp_path / "two"), "--shard", "1/2"]) == 0
+    one_scores = (tmp_path / "one/texture/scores.csv").read_text().splitlines()
+    two_scores = (tmp_path / "two/texture/scores.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in one_scores] == [r.split(",")[0] for r in two_scores]
+    np.testing.assert_allclose([float(r.split(",")[1]) for r in one_scores[1:]],
+                               [float(r.split(",")[1]) for r in two_scores[1:]], atol=1e-5)
+    for tiff in sorted((tmp_path / "one/texture/test").rglob("*.tiff")):
+        other = tmp_path / "two" / tiff.relative_to(tmp_path / "one")
+        np.testing.assert_allclose(data.load_tiff(tiff), data.load_tiff(other), atol=1e-5)
+    # a re-run finds every image done and rewrites nothing
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "one").rglob("*.tiff")}
+    assert vlad.main(common + ["--out", str(tmp_path / "one")]) == 0
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "one").rglob("*.tiff")} == before
+
+
+def test_checkpoint_is_safetensors_and_json_and_matches_config(vlad_trained_run):
+    run = vlad_trained_run["run"]
+    assert sorted(p.name for p in run.iterdir() if p.is_file()) == [
+        "config.json", "log.jsonl", "train_state.safetensors", "vlad.safetensors"]
+    config = json.loads((run / "config.json").read_text())
+    assert config["epoch"] == 12 and config["stages"] == [1, 2, 3, 4] and config["image_size"] == VLAD_TINY_SIZE
+    adapters = load_file(str(run / "vlad.safetensors"))
+    assert adapters["patch_adapters.0.weight"].shape == (config["embed_dim"], config["width"])
+    assert adapters["image_adapter.weight"].shape == (32, 32)
+
+
+def test_cached_and_uncached_training_give_the_same_adapter_weights(vlad_tiny_clip, tmp_path):
+    gen = vlad_make_synthetic_dataset(tmp_path / "gen", n_train=2, n_good=0, n_bad=4, soft=True)
+    for cache in ("disk", "memory", "none"):
+        assert vlad.main(vlad_train_args(vlad_tiny_clip, gen, tmp_path / cache, "--epochs", "2", "--cache", cache,
+                                         "--extract-batch", "3")) == 0
+    assert len(list((tmp_path / "disk/token_cache").glob("*.safetensors"))) == 6
+    assert not (tmp_path / "none/token_cache").exists() and not (tmp_path / "memory/token_cache").exists()
+    uncached = load_file(str(tmp_path / "none/vlad.safetensors"))
+    for cache in ("disk", "memory"):
+        cached = load_file(str(tmp_path / cache / "vlad.safetensors"))
+        for name in cached:  # the backbone runs on other batches without the cache: float rounding only
+            torch.testing.assert_close(cached[name], uncached[name], atol=1e-6, rtol=1e-5)
+    assert not torch.equal(uncached["patch_adapters.0.weight"],
+                           load_file(str(tmp_path / "none/train_state.safetensors"))["vlad.patch_adapters.1.weight"])
+
+
+def test_sharded_token_caching_fills_disjoint_halves_then_a_plain_run_trains_on_them(vlad_tiny_clip, tmp_path):
+    gen = vlad_make_synthetic_dataset(tmp_path / "gen", n_train=2, n_good=0, n_bad=5, soft=True)
+    cache = tmp_path / "run/token_cache"
+    assert vlad.main(vlad_train_args(vlad_tiny_clip, gen, tmp_path / "run", "--epochs", "1", "--shard", "0/2")) == 0
+    assert len(list(cache.glob("*.safetensors"))) == 4 and not (tmp_path / "run/vlad.safetensors").exists()
+    assert vlad.main(vlad_train_args(vlad_tiny_clip, gen, tmp_path / "run", "--epochs", "1", "--shard", "1/2")) == 0
+    written = {p: p.stat().st_mtime_ns for p in cache.glob("*.safetensors")}
+    assert len(written) == 7
+    assert vlad.main(vlad_train_args(vlad_tiny_clip, gen, tmp_path / "run", "--epochs", "1")) == 0
+    assert {p: p.stat().st_mtime_ns for p in cache.glob("*.safetensors")} == written  # nothing recomputed
+    assert vlad.main(vlad_train_args(vlad_tiny_clip, gen, tmp_path / "plain", "--epochs", "1")) == 0
+    sharded = load_file(str(tmp_path / "run/vlad.safetensors"))
+    plain = load_file(str(tmp_path / "plain/vlad.safetensors"))
+    for name in plain:  # other backbone batches in the shards: float rounding only
+        torch.testing.assert_close(sharded[name], plain[name], atol=1e-6, rtol=1e-5)
+
+
+def test_resumed_training_equals_uninterrupted_training(vlad_tiny_clip, tmp_path, monkeypatch):
+    gen = vlad_make_synthetic_dataset(tmp_path / "gen", n_train=2, n_good=0, n_bad=5, soft=True)
+    assert vlad.main(vlad_train_args(vlad_tiny_clip, gen, tmp_path / "straight", "--epochs", "4")) == 0
+
+    append_jsonl = data.append_jsonl
+
+    def interrupt_after_epoch_2(record, path):
+        append_jsonl(record, path)
+        if record.get("epoch") == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(data, "append_jsonl", interrupt_after_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        vlad.main(vlad_train_args(vlad_tiny_clip, gen, tmp_path / "resumed", "--epochs", "4"))
+    monkeypatch.setattr(data, "append_jsonl", append_jsonl)
+    assert json.loads((tmp_path / "resumed/config.json").read_text())["epoch"] == 2
+    assert vlad.main(vlad_train_args(vlad_tiny_clip, gen, tmp_path / "resumed", "--epochs", "4")) == 2  # no --resume
+    assert vlad.main(vlad_train_args(vlad_tiny_clip, gen, tmp_path / "resumed", "--epochs", "4", "--resume",
+                                     "--lr", "0.5")) == 2  # other settings than the run it continues
+    assert vlad.main(vlad_train_args(vlad_tiny_clip, gen, tmp_path / "resumed", "--epochs", "4", "--resume")) == 0
+    straight = load_file(str(tmp_path / "straight/train_state.safetensors"))
+    resumed = load_file(str(tmp_path / "resumed/train_state.safetensors"))
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
+    assert [r["loss"] for r in data.read_jsonl(tmp_path / "straight/log.jsonl")] == \
+        [r["loss"] for r in data.read_jsonl(tmp_path / "resumed/log.jsonl")]
+    # resuming a finished run does no work: nothing in the run folder is rewritten
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "resumed").rglob("*")}
+    assert vlad.main(vlad_train_args(vlad_tiny_clip, gen, tmp_path / "resumed", "--epochs", "4", "--resume")) == 0
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "resumed").rglob("*")} == before
+
+
+def test_same_seed_gives_same_weights_and_other_seed_differs(vlad_tiny_clip, tmp_path):
+    gen = vlad_make_synthetic_dataset(tmp_path / "gen", n_train=1, n_good=0, n_bad=3, soft=True)
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        assert vlad.main(vlad_train_args(vlad_tiny_clip, gen, tmp_path / name, "--epochs", "1", "--seed", seed)) == 0
+    a, b, c = (load_file(str(tmp_path / n / "vlad.safetensors")) for n in "abc")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["patch_adapters.0.weight"], c["patch_adapters.0.weight"])
+
+
+def test_predict_rejects_checkpoint_of_another_backbone(vlad_trained_run, tmp_path):
+    other = build_tiny_clip(tmp_path / "wider", width=48)
+    result = vlad_run_cli("predict", "--ckpt", vlad_trained_run["run"], "--data", vlad_trained_run["held_out"],
+                          "--out", tmp_path / "pred", "--model", other)
+    assert result.returncode == 2
+    assert "width 64" in result.stderr and "width 48" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_predict_rejects_k_larger_than_normals_and_empty_category(vlad_trained_run, tmp_path):
+    run, held_out = vlad_trained_run["run"], vlad_trained_run["held_out"]
+    for bad in ("-1", "few"):
+        assert vlad.main(["predict", "--ckpt", str(run), "--data", str(held_out), "--k-shot", bad,
+                          "--out", str(tmp_path / "p"), "--quiet"]) == 2
+    result = vlad_run_cli("predict", "--ckpt", run, "--data", held_out, "--k-shot", "9", "--out", tmp_path / "p")
+    assert result.returncode == 2 and "--k-shot 9" in result.stderr and "3 there are" in result.stderr
+    assert "Traceback" not in result.stderr
+    empty = tmp_path / "empty"
+    (empty / "hollow/test").mkdir(parents=True)
+    result = vlad_run_cli("predict", "--ckpt", run, "--data", empty, "--out", tmp_path / "q")
+    assert result.returncode == 2 and "hollow" in result.stderr and "no test images" in result.stderr
+    result = vlad_run_cli("train", "--data", empty, "--out", tmp_path / "r", "--model", "local-dir:" + str(tmp_path))
+    assert result.returncode == 2 and "hollow" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_corrupt_image_and_unknown_model_are_one_clear_message(vlad_tiny_clip, tmp_path):
+    gen = vlad_make_synthetic_dataset(tmp_path / "gen", n_train=1, n_good=0, n_bad=2)
+    broken = gen / "texture/train/good/000.png"
+    broken.write_bytes(broken.read_bytes()[:60])
+    result = vlad_run_cli(*vlad_train_args(vlad_tiny_clip, gen, tmp_path / "run", "--epochs", "1"))
+    assert result.returncode == 2 and "000.png" in result.stderr and "corrupt" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = vlad_run_cli("train", "--data", gen, "--out", tmp_path / "run2", "--model", "ViT-Nope-1")
+    assert result.returncode == 2 and "ViT-Nope-1" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Reproduce the paper's Tables 1, 2 and 4: generate (cut.py) -> train (vlad.py) -> predict -> evaluate
+# (metrics.py), chained only through folders. Every stage resumes when re-run; a finished stage is skipped.
+#
+#   bash reproduce.sh DATA AUX OUT
+#
+#   DATA  MVTec-layout root of the benchmark: MVTec AD, or VisA converted with `python data.py visa-to-mvtec`
+#   AUX   MVTec-layout root of the auxiliary training set (VisA for MVTec AD, MVTec AD for VisA); '-' for none
+#   OUT   working folder; OUT/summary_k<K>_loss-<LOSS>.txt holds the mean +- std table of each k
+#
+# Settings, as environment variables (defaults are the paper's protocol):
+#   SHOTS         few-shot k values and/or 'all' (full-shot)                 default "1 2 4 all"
+#   SEEDS         seeds of the k-shot selection and of training             default "0 1 2 3 4"
+#   FULL_SEEDS    seeds for full-shot (nothing is sampled, one run suffices) default "0"
+#   PROMPT        CUT's prompt                                              default "A photo of a {cls} that is damaged"
+#   N_FEW, N_FULL samples generated per normal image, few-/full-shot        default 100 and 5
+#   LOSS          Table 4 ablation: both | image | pixel (y_img, y_pix)     default both
+#   CUT_ARGS      extra flags for cut.py  (e.g. "--model /path/to/sd15 --batch 4")
+#   TRAIN_ARGS    extra flags for `vlad.py train` (e.g. "--model ViT-L-14-quickgelu --pretrained openai")
+#   PREDICT_ARGS  extra flags for `vlad.py predict`
+#   PYTHON        interpreter                                               default python
+set -euo pipefail
+
+usage() { sed -n '2,/^set -euo/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; }
+case "${1:-}" in -h | --help) usage; exit 0 ;; esac
+[ $# -eq 3 ] || { usage >&2; exit 2; }
+DATA=$1 AUX=$2 OUT=$3
+SHOTS=${SHOTS:-1 2 4 all}
+SEEDS=${SEEDS:-0 1 2 3 4}
+FULL_SEEDS=${FULL_SEEDS:-0}
+PROMPT=${PROMPT:-A photo of a {cls\} that is damaged}
+N_FEW=${N_FEW:-100}
+N_FULL=${N_FULL:-5}
+LOSS=${LOSS:-both}
+PYTHON=${PYTHON:-python}
+HERE=$(cd "$(dirname "$0")" && pwd)
+read -r -a cut_args <<<"${CUT_ARGS:-}"
+read -r -a train_args <<<"${TRAIN_ARGS:-}"
+read -r -a predict_args <<<"${PREDICT_ARGS:-}"
+
+[ -d "$DATA" ] || { echo "error: $DATA: no such dataset folder." >&2; exit 2; }
+[ "$AUX" = "-" ] || [ -d "$AUX" ] || { echo "error: $AUX: no such auxiliary dataset folder ('-' for none)." >&2; exit 2; }
+mkdir -p "$OUT"
+mapfile -t categories < <("$PYTHON" "$HERE/data.py" info "$DATA" | tail -n +2 | awk '{print $1}')
+aux_data=()
+[ "$AUX" = "-" ] || aux_data=(--aux "$AUX")
+
+for k in $SHOTS; do
+  if [ "$k" = "all" ]; then seeds=$FULL_SEEDS n=$N_FULL; else seeds=$SEEDS n=$N_FEW; fi
+  for seed in $seeds; do
+    run="$OUT/k${k}_seed${seed}_loss-${LOSS}"
+    echo "== k=$k seed=$seed -> $run"
+
+    # 1. Generate: the k normal images of each category (recorded in normals_<category>.txt) -> anomalies.
+    #    cut.py copies them to generated/<category>/train/good, so generated/ is a complete training set.
+    for category in "${categories[@]}"; do
+      normals="$run/normals_$category.txt"
+      if [ ! -f "$normals" ]; then
+        mkdir -p "$run"
+        "$PYTHON" "$HERE/data.py" k-shot "$DATA" "$category" "$k" --seed "$seed" >"$normals.tmp"
+        mv "$normals.tmp" "$normals"
+      fi
+      images=()
+      while read -r image; do images+=(--image "$image"); done <"$normals"
+      "$PYTHON" "$HERE/cut.py" "${images[@]}" --category "$category" --prompt "$PROMPT" --n "$n" \
+        --seed 0 --out "$run/generated" "${cut_args[@]}"
+    done
+
+    # 2. Train VLAD on the generated set (plus the auxiliary dataset's test split).
+    "$PYTHON" "$HERE/vlad.py" train --data "$run/generated" "${aux_data[@]}" --loss "$LOSS" --seed "$seed" \
+      --out "$run/model" "${train_args[@]}"
+
+    # 3. Predict on the benchmark's test split with the same k normal images in the memory bank.
+    "$PYTHON" "$HERE/vlad.py" predict --ckpt "$run/model" --data "$DATA" --k-shot "$k" --seed "$seed" \
+      --out "$run/predictions" "${predict_args[@]}"
+
+    # 4. Evaluate: I-AUC, I-F1, P-AUC, P-F1, PRO per category.
+    if [ ! -f "$run/metrics.json" ]; then
+      "$PYTHON" "$HERE/metrics.py" --pred "$run/predictions" --gt "$DATA" --json "$run/metrics.json"
+    fi
+  done
+
+  # 5. Mean +- std over seeds, in the paper's format.
+  mapfile -t results < <(ls "$OUT"/k"${k}"_seed*_loss-"${LOSS}"/metrics.json)
+  "$PYTHON" "$HERE/metrics.py" --summarize "${results[@]}" >"$OUT/summary_k${k}_loss-${LOSS}.txt.tmp"
+  mv "$OUT/summary_k${k}_loss-${LOSS}.txt.tmp" "$OUT/summary_k${k}_loss-${LOSS}.txt"
+  echo "== k=$k, ${#results[@]} seed(s), loss $LOSS:"
+  cat "$OUT/summary_k${k}_loss-${LOSS}.txt"
+done
