@@ -13,6 +13,7 @@ converter, k-shot selection, sharding across processes and the two pictures peop
 overlay and a contact sheet).
 
     python data.py info ROOT                 per-category counts, to check a download at a glance
+    python data.py k-shot ROOT CATEGORY K    the K normal images chosen for --seed (as vlad.py chooses them)
     python data.py visa-to-mvtec SRC DST     convert VisA's own layout into the MVTec layout
 """
 
@@ -262,6 +263,17 @@ def select_k_shot(images: list[Path], k: int, seed: int) -> list[Path]:
     return sorted(random.Random(seed).sample(images, k))
 
 
+def select_k_shot_arg(images: list[Path], k: str | int, seed: int) -> list[Path]:
+    """`select_k_shot` for a command-line value: an integer, or 'all' for every image (full-shot)."""
+    if str(k) == "all":
+        return sorted(Path(p) for p in images)
+    try:
+        count = int(k)
+    except ValueError:
+        raise DataError(f"k-shot {k!r}: expected a whole number or 'all'.") from None
+    return select_k_shot(images, count, seed)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # VisA -> MVTec
 # ---------------------------------------------------------------------------------------------------------
@@ -408,6 +420,11 @@ def main(argv=None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     info = commands.add_parser("info", help="per-category counts of an MVTec-layout root")
     info.add_argument("root", help="dataset root, e.g. mvtec_anomaly_detection/")
+    shots = commands.add_parser("k-shot", help="print the k normal images of a category chosen for a seed")
+    shots.add_argument("root", help="MVTec-layout root")
+    shots.add_argument("category")
+    shots.add_argument("k", help="number of normal images, or 'all'")
+    shots.add_argument("--seed", type=int, default=0)
     convert = commands.add_parser("visa-to-mvtec", help="convert VisA's layout into the MVTec layout")
     convert.add_argument("source", help="VisA root (holds split_csv/1cls.csv)")
     convert.add_argument("target", help="output MVTec-layout root")
@@ -422,6 +439,9 @@ def main(argv=None) -> int:
                 defects = ", ".join(f"{name} {count}" for name, count in row["defects"].items()) or "-"
                 print(f"{row['category']:<16}{row['train_good']:>11}{row['test_good']:>10}"
                       f"{row['test_anomalous']:>10}{row['masks']:>7}  {defects}")
+        elif args.command == "k-shot":
+            normals = [sample.image for sample in read_split(args.root, args.category, "train")]
+            print("\n".join(map(str, select_k_shot_arg(normals, args.k, args.seed))))
         else:
             counts = visa_to_mvtec(args.source, args.target)
             total = sum(sum(c.values()) for c in counts.values())
