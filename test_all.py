@@ -1187,3 +1187,83 @@ def test_corrupt_image_and_unknown_model_are_one_clear_message(vlad_tiny_clip, t
     assert "Traceback" not in result.stderr
     result = vlad_run_cli("train", "--data", gen, "--out", tmp_path / "run2", "--model", "ViT-Nope-1")
     assert result.returncode == 2 and "ViT-Nope-1" in result.stderr and "Traceback" not in result.stderr
+
+
+def vlad_review_named_tiny_clip(tmp_path, name: str) -> tuple[str, str, str]:
+    """The tiny CLIP registered under a plain open_clip model name (as ViT-L-14-quickgelu is), with two different
+    weights files: -> (name, weights_a, weights_b)."""
+    import open_clip
+
+    folder_a = tmp_path / "clip_a"
+    build_tiny_clip(folder_a, seed=0)
+    build_tiny_clip(tmp_path / "clip_b", seed=1)
+    model_cfg = json.loads((folder_a / "open_clip_config.json").read_text())["model_cfg"]
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / f"{name}.json").write_text(json.dumps(model_cfg))
+    open_clip.add_model_config(tmp_path / "configs")
+    return name, str(folder_a / "open_clip_model.safetensors"), str(tmp_path / "clip_b/open_clip_model.safetensors")
+
+
+def test_predict_backbone_flags_never_fall_back_to_random_weights(tmp_path):
+    name, weights_a, weights_b = vlad_review_named_tiny_clip(tmp_path, "vlad-review-tiny")
+    run = tmp_path / "run"
+    run.mkdir()
+    detector = vlad.VLAD(64, 32, 4)
+    save_file({k: v.contiguous() for k, v in detector.state_dict().items()}, str(run / vlad.ADAPTERS_FILE))
+    (run / vlad.CONFIG_FILE).write_text(json.dumps({
+        "model": name, "pretrained": weights_a, "image_size": VLAD_TINY_SIZE, "stages": [1, 2, 3, 4],
+        "width": 64, "embed_dim": 32, "epoch": 0}))
+    expected_a, expected_b = load_file(weights_a), load_file(weights_b)
+    key = "visual.transformer.resblocks.0.mlp.c_fc.weight"
+
+    def backbone_weight(**flags):
+        backbone, _, _ = vlad.load_detector(run, **flags)
+        return backbone.model.state_dict()[key]
+
+    # --model alone (the same name, e.g. to be explicit) keeps the checkpoint's weights instead of random ones
+    torch.testing.assert_close(backbone_weight(model=name), expected_a[key], atol=0, rtol=0)
+    # --pretrained alone (weights moved to a local file) is used, not silently ignored
+    torch.testing.assert_close(backbone_weight(pretrained=weights_b), expected_b[key], atol=0, rtol=0)
+    torch.testing.assert_close(backbone_weight(), expected_a[key], atol=0, rtol=0)
+
+
+def test_memory_bank_is_adapted_batch_by_batch_and_equals_one_batch(vlad_trained_run, tmp_path, monkeypatch):
+    run, held_out = vlad_trained_run["run"], vlad_trained_run["held_out"]
+    common = ["predict", "--ckpt", str(run), "--data", str(held_out), "--k-shot", "all", "--quiet"]
+    assert vlad.main(common + ["--out", str(tmp_path / "one_batch"), "--batch-size", "8"]) == 0
+
+    seen = []
+    build_memory_bank = vlad.build_memory_bank
+
+    def recording_build_memory_bank(detector, tokens):
+        seen.append(tokens.shape[0])
+        return build_memory_bank(detector, tokens)
+
+    monkeypatch.setattr(vlad, "build_memory_bank", recording_build_memory_bank)
+    assert vlad.main(common + ["--out", str(tmp_path / "batches"), "--batch-size", "2"]) == 0
+    assert seen == [2, 1]  # 3 normal images: never the raw tokens of all k at once
+    for tiff in sorted((tmp_path / "one_batch/texture/test").rglob("*.tiff")):
+        other = tmp_path / "batches" / tiff.relative_to(tmp_path / "one_batch")
+        np.testing.assert_allclose(data.load_tiff(tiff), data.load_tiff(other), atol=1e-5)
+    one = (tmp_path / "one_batch/texture/scores.csv").read_text().splitlines()
+    two = (tmp_path / "batches/texture/scores.csv").read_text().splitlines()
+    np.testing.assert_allclose([float(r.split(",")[1]) for r in one[1:]],
+                               [float(r.split(",")[1]) for r in two[1:]], atol=1e-5)
+
+
+def test_bad_stages_and_zero_sizes_are_one_clear_message_without_traceback(vlad_trained_run, tmp_path, capsys):
+    gen = vlad_trained_run["gen"]
+    assert vlad.main(vlad_train_args("local-dir:" + str(tmp_path), gen, tmp_path / "run", "--stages", "1,x")) == 2
+    error = capsys.readouterr().err
+    assert "--stages '1,x'" in error and "Traceback" not in error and len(error.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+    for argv in (vlad_train_args("local-dir:" + str(tmp_path), gen, tmp_path / "run", "--batch-size", "0"),
+                 vlad_train_args("local-dir:" + str(tmp_path), gen, tmp_path / "run", "--extract-batch", "0"),
+                 ["predict", "--ckpt", str(vlad_trained_run["run"]), "--data", str(vlad_trained_run["held_out"]),
+                  "--out", str(tmp_path / "pred"), "--chunk", "0"]):
+        with pytest.raises(SystemExit) as exit_info:
+            vlad.main(argv)
+        assert exit_info.value.code == 2
+        error = capsys.readouterr().err
+        assert "at least 1" in error and "Traceback" not in error
+    assert not (tmp_path / "run").exists() and not (tmp_path / "pred").exists()

@@ -528,8 +528,10 @@ def load_detector(run, model: str | None = None, pretrained: str | None = None, 
     if missing:
         raise DataError(f"{config_path}: missing {', '.join(missing)}; it was not written by `vlad.py train`.")
     model_name = model or config["model"]
-    backbone = Backbone(model_name, pretrained if model else config["pretrained"], config["image_size"],
-                        stages=None, device=device, precision=precision)
+    # --pretrained alone (a local weights file) is used; --model alone keeps the recorded tag, never random weights
+    pretrained = pretrained if pretrained is not None else config["pretrained"]
+    backbone = Backbone(model_name, pretrained, config["image_size"], stages=None, device=device,
+                        precision=precision)
     if (backbone.width, backbone.embed_dim) != (config["width"], config["embed_dim"]) \
             or max(config["stages"]) > backbone.depth:
         raise DataError(f"{config_path}: the adapters were trained on {config['model']} (width {config['width']}, "
@@ -708,12 +710,13 @@ def predict_category(backbone: Backbone, vlad: VLAD, root, category: str, k: int
 
     text = backbone.text_features(category).to(backbone.device)
     memory_bank = None
-    if k > 0:  # Eq. 9's bank: every rank builds the whole bank (k images) itself
-        tokens = []
+    if k > 0:  # Eq. 9's bank: every rank builds the whole bank (k images) itself, adapting batch by batch so that
+        #        the raw tokens of all k images (full-shot ViT-L: ~400 x 4 x 1369 x 1024) are never held at once
+        parts = []
         for start in range(0, k, batch_size):
             pixels = torch.stack([backbone.preprocess(data.load_image(p)) for p in chosen[start:start + batch_size]])
-            tokens.append(backbone.encode_images(pixels)[0])
-        memory_bank = build_memory_bank(vlad, torch.cat(tokens))
+            parts.append(build_memory_bank(vlad, backbone.encode_images(pixels)[0]))
+        memory_bank = [torch.cat(stage) for stage in zip(*parts)]  # L x (k * N, C)
 
     relative = {s.image: f"test/{s.defect}/{s.image.stem}.tiff" for s in test}
     done = score_parts(category_out)
@@ -765,6 +768,14 @@ def init_distributed(world: int, shard: str | None) -> None:
         torch.distributed.init_process_group("gloo")
 
 
+def positive_int(text: str) -> int:
+    """argparse type of batch and chunk sizes: 0 would divide by zero or never advance a loop."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
+
+
 def command_train(args) -> int:
     rank, world = data.resolve_shard(args.shard)
     init_distributed(world, args.shard)
@@ -776,7 +787,11 @@ def command_train(args) -> int:
     samples = training_samples(args.data, args.aux)
     device = args.device or default_device()
     precision = resolve_precision(args.precision, device)
-    stages = [int(s) for s in args.stages.split(",")] if args.stages else None
+    try:
+        stages = [int(s) for s in args.stages.split(",")] if args.stages else None
+    except ValueError:
+        raise DataError(f"--stages {args.stages!r}: expected 1-based block numbers joined by commas, "
+                        f"e.g. 6,12,18,24.") from None
     backbone = Backbone(args.model, args.pretrained, args.image_size, stages, device, precision)
     started = time.time()
     saved_config = Path(args.out) / CONFIG_FILE
@@ -852,7 +867,7 @@ def main(argv=None) -> int:
     train_parser.add_argument("--image-size", type=int, default=IMAGE_SIZE)
     train_parser.add_argument("--stages", default=None, help="1-based blocks, e.g. 6,12,18,24 (quarter depths)")
     train_parser.add_argument("--epochs", type=int, default=EPOCHS)
-    train_parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
+    train_parser.add_argument("--batch-size", type=positive_int, default=BATCH_SIZE)
     train_parser.add_argument("--lr", type=float, default=LR)
     train_parser.add_argument("--omega", type=float, default=OMEGA)
     train_parser.add_argument("--loss", default="both", choices=LOSS_TERMS,
@@ -863,7 +878,7 @@ def main(argv=None) -> int:
     train_parser.add_argument("--seed", type=int, default=SEED)
     train_parser.add_argument("--cache", default="disk", choices=["disk", "memory", "none"],
                               help="where the frozen backbone's tokens live (none: recompute every batch)")
-    train_parser.add_argument("--extract-batch", type=int, default=8, help="images per backbone forward")
+    train_parser.add_argument("--extract-batch", type=positive_int, default=8, help="images per backbone forward")
     train_parser.add_argument("--resume", action="store_true", help="continue RUN from its last epoch")
 
     predict_parser = commands.add_parser("predict", help="anomaly maps and scores for a dataset's test split")
@@ -873,8 +888,8 @@ def main(argv=None) -> int:
     predict_parser.add_argument("--seed", type=int, default=SEED, help="which k normal images (data.select_k_shot)")
     predict_parser.add_argument("--out", required=True, type=Path, help="prediction root (MVTec layout)")
     predict_parser.add_argument("--category", action="append", default=None, help="only these; repeatable")
-    predict_parser.add_argument("--batch-size", type=int, default=8)
-    predict_parser.add_argument("--chunk", type=int, default=NN_CHUNK, help="rows per nearest-neighbour block")
+    predict_parser.add_argument("--batch-size", type=positive_int, default=8)
+    predict_parser.add_argument("--chunk", type=positive_int, default=NN_CHUNK, help="rows per nearest-neighbour block")
     backbone_flags(predict_parser, defaults=False)
 
     args = parser.parse_args(argv)
