@@ -14,11 +14,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import csv
+import gzip
 import io
 import json
 import math
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -26,10 +28,11 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
-
-import data
-from scipy import ndimage
+from scipy import ndimage  # independent references only: the toolkit itself never imports scipy or sklearn
 from sklearn.metrics import precision_recall_curve, roc_auc_score
+
+import cut
+import data
 import metrics
 import vlad
 
@@ -746,6 +749,489 @@ def test_cli_summarize_rejects_runs_of_different_categories_and_bad_json(tmp_pat
                              "b.json", "differ")
     (tmp_path / "c.json").write_text("{not json")
     metrics_assert_bad_input(metrics_cli("--summarize", tmp_path / "c.json"), "c.json")
+
+
+CUT_HERE = Path(__file__).resolve().parent
+CUT_SIZE = 64                       # pixels; with the factor-2 VAE the 16x16 attention grid of SD at 512
+CUT_PROMPT = "a photo of a {cls} that is damaged"
+CUT_FAST = dict(steps=20, gamma=0.5, thresholds={0: 0.05, 5: 0.5}, max_iters=3, early_stop_after=3)
+
+
+# =========================================================================================================
+# cut.py: the tiny Stable Diffusion builder (also used by the cut benchmark and the end-to-end test)
+# =========================================================================================================
+
+
+def cut_write_clip_tokenizer(folder: Path) -> None:
+    """A real CLIPTokenizer with Stable Diffusion's exact vocabulary, from open_clip's bundled BPE file."""
+    import open_clip.tokenizer
+
+    lines = gzip.open(open_clip.tokenizer.default_bpe()).read().decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1]]
+    vocab = list(open_clip.tokenizer.bytes_to_unicode().values())
+    vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    assert len(vocab) == 49408
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n",
+                                       encoding="utf-8")
+
+
+def build_tiny_sd(folder, vae_factor: int = 2) -> Path:
+    """Save a tiny random-weight StableDiffusionPipeline (SD 1.5 topology, SD's tokenizer) to `folder`.
+
+    vae_factor 2: VAE with 2 blocks, so a 64x64 image has a 32x32 latent and 16x16 cross-attention maps (the
+    grid SD 1.5 has at 512). vae_factor 8: the 4-block VAE topology of SD itself.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    folder = Path(folder)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=32, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=16)
+    blocks = {2: 2, 8: 4}[vae_factor]
+    vae = AutoencoderKL(
+        block_out_channels=(32, 64, 64, 64)[:blocks], in_channels=3, out_channels=3, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * blocks, up_block_types=("UpDecoderBlock2D",) * blocks,
+        layers_per_block=1, norm_num_groups=16, sample_size=CUT_SIZE)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, vocab_size=49408,
+        max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+        projection_dim=32))
+    with tempfile.TemporaryDirectory() as source:
+        cut_write_clip_tokenizer(Path(source))
+        tokenizer = CLIPTokenizer(str(Path(source) / "vocab.json"), str(Path(source) / "merges.txt"),
+                                  model_max_length=77)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1, num_train_timesteps=1000)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def cut_tiny_sd(tmp_path_factory) -> Path:
+    return build_tiny_sd(tmp_path_factory.mktemp("tiny_sd"), vae_factor=2)
+
+
+@pytest.fixture(scope="session")
+def cut_tiny_sd8(tmp_path_factory) -> Path:
+    return build_tiny_sd(tmp_path_factory.mktemp("tiny_sd8"), vae_factor=8)
+
+
+# =========================================================================================================
+# cut.py: helpers
+# =========================================================================================================
+
+
+def cut_object_image(size: int = CUT_SIZE, seed: int = 0) -> np.ndarray:
+    """A bright textured square on a dark background: (size, size, 3) uint8."""
+    rng = np.random.default_rng(seed)
+    image = np.full((size, size, 3), 25, np.uint8)
+    lo, hi = size // 4, 3 * size // 4
+    image[lo:hi, lo:hi] = 180 + rng.integers(0, 60, (hi - lo, hi - lo, 3), dtype=np.uint8)
+    return image
+
+
+def cut_object_mask(size: int = CUT_SIZE) -> np.ndarray:
+    mask = np.zeros((size, size), np.float32)
+    mask[size // 4:3 * size // 4, size // 4:3 * size // 4] = 1
+    return mask
+
+
+@pytest.fixture(scope="session")
+def cut_pipe(cut_tiny_sd):
+    return cut.load_pipeline(str(cut_tiny_sd), "cpu", torch.float32)
+
+
+def cut_generator(pipe, size: int = CUT_SIZE, **overrides) -> "cut.CUT":
+    return cut.CUT(pipe, cut.CutSettings(size=size, **{**CUT_FAST, **overrides}))
+
+
+def cut_generate(generator, seeds=(0,), image_seed: int = 0, word: str = "damaged"):
+    size = generator.settings.size
+    images = [cut_object_image(size, image_seed)] * len(seeds)
+    return generator.generate(images, [cut_object_mask(size)] * len(seeds), list(seeds),
+                              cut.fill_prompt(CUT_PROMPT, "bottle"), word)
+
+
+def cut_cli(*args) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, str(CUT_HERE / "cut.py"), *map(str, args)], cwd=CUT_HERE, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def cut_cli_args(model, out, *extra):
+    return ["--prompt", CUT_PROMPT, "--model", model, "--out", out, "--size", CUT_SIZE, "--steps", 20,
+            "--gamma", 0.5, "--thresholds", "0:0.05,5:0.5", "--max-iters", 3, *extra]
+
+
+def cut_tree(out: Path) -> dict[str, bytes]:
+    """Every file under out (but meta.jsonl and preview.png) -> its bytes."""
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*"))
+            if p.is_file() and p.name not in ("meta.jsonl", "preview.png")}
+
+
+def cut_meta(out: Path, category: str = "bottle") -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in data.read_jsonl(out / category / "meta.jsonl")]
+
+
+# =========================================================================================================
+# cut.py: the pure pieces (step 2, step 3, Eq. 3 to 5, early stopping)
+# =========================================================================================================
+
+
+def test_otsu_threshold_maximizes_between_class_variance():
+    rng = np.random.default_rng(1)
+    gray = np.concatenate([rng.normal(60, 10, 3000), rng.normal(170, 20, 1000)]).clip(0, 255).astype(np.uint8)
+    best, best_variance = None, -1.0
+    for t in range(256):  # brute force, the definition
+        low, high = gray[gray <= t].astype(float), gray[gray > t].astype(float)
+        if len(low) and len(high):
+            variance = len(low) * len(high) / len(gray) ** 2 * (low.mean() - high.mean()) ** 2
+            if variance > best_variance:
+                best, best_variance = t, variance
+    assert cut.otsu_threshold(gray) == best
+
+
+def test_foreground_mask_picks_the_object_whatever_its_polarity_and_falls_back_when_empty():
+    bright_object = cut_object_image()
+    mask, warning = cut.foreground_mask(bright_object)
+    assert warning is None and np.array_equal(mask, cut_object_mask())
+    dark_object = 255 - bright_object                       # dark object on a bright background
+    mask, warning = cut.foreground_mask(dark_object)
+    assert warning is None and np.array_equal(mask, cut_object_mask())
+    mask, warning = cut.foreground_mask(np.full((32, 32, 3), 90, np.uint8))
+    assert np.array_equal(mask, np.ones((32, 32), np.float32)) and "whole image" in warning
+    tiny = np.zeros((100, 100, 3), np.uint8)
+    tiny[50, 50] = 255                                       # 0.01% foreground
+    assert "whole image" in cut.foreground_mask(tiny)[1]
+
+
+def test_downsample_mask_is_area_average_above_half():
+    mask = torch.zeros(8, 8)
+    mask[:4, :3] = 1                                         # 2x2 cells: full, half (not > 0.5), empty
+    assert cut.downsample_mask(mask, 4).tolist() == [[1, 0, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
+
+
+def test_word_tokens_cover_all_sub_tokens_and_bad_prompts_are_errors(cut_pipe):
+    tokenizer = cut_pipe.tokenizer
+    prompt = cut.fill_prompt("a photo of a {cls} that is discolored", "metal_nut")
+    assert prompt == "a photo of a metal nut that is discolored"
+    ids, indices = cut.word_token_indices(tokenizer, prompt, "discolored")
+    assert len(indices) == 3 and ids[indices[0]:indices[-1] + 1] == [2475, 549, 736] and indices[-1] == len(ids) - 2
+    assert cut.default_word("a photo of a bottle that is damaged.") == "damaged"
+    with pytest.raises(cut.CutError, match="does not occur"):
+        cut.word_token_indices(tokenizer, prompt, "scratched")
+    with pytest.raises(cut.CutError, match="at most 77"):
+        cut.word_token_indices(tokenizer, "a photo " * 40 + "damaged", "damaged")
+
+
+def test_eq3_drops_start_token_softmaxes_words_smooths_and_takes_max_over_sub_tokens():
+    torch.manual_seed(0)
+    A_t = torch.rand(2, 4, 4, 8).softmax(-1)                 # (B, P, P, N), end token at 6
+    out = cut.anomaly_attention_map(A_t, [3, 4], end_index=6)
+    text = torch.softmax(100 * A_t[..., 1:6], dim=-1)        # independent: tokens 1..5
+    x = torch.arange(3.0) - 1
+    g = torch.exp(-x ** 2 / (2 * 0.25))
+    kernel = torch.outer(g, g) / torch.outer(g, g).sum()
+    expected = []
+    for j in (2, 3):                                         # token 3, 4 -> columns 2, 3 after dropping start
+        maps = torch.nn.functional.pad(text[..., j][:, None], (1, 1, 1, 1), mode="reflect")
+        expected.append(torch.nn.functional.conv2d(maps, kernel[None, None])[:, 0])
+    assert out.shape == (2, 4, 4)
+    assert torch.allclose(out, torch.maximum(*expected), atol=1e-6)
+
+
+def test_eq5_step_size_and_localized_pixels():
+    anomaly_map = torch.zeros(1, 4, 4)
+    anomaly_map[0, :2, :3] = 1.0                             # 6 pixels above the mean
+    assert cut.localized_pixels(anomaly_map).tolist() == [6]
+    assert cut.step_size(10.0, 1 / 200, 50, 30, 120) == pytest.approx(10 * (1 + 50 / 200) * 30 / 120)
+
+
+def test_early_stop_triggers_exactly_when_the_rule_says_on_a_constructed_trace():
+    trace = [120, 60, 30, 25, 60, 70, 80, 90, 100, 45, 51, 50, 49, 20]   # n_t per step at P = 16
+    stops = [i for i, n in enumerate(trace) if cut.should_stop_early(i, n, 16)]
+    assert stops[0] == 12                                    # 30, 25 and 45 come before step 10; 50 is not < 50
+    assert cut.early_stop_window(8) == (2.5, 12.5)          # bounds scale with (P / 16)^2
+    assert cut.should_stop_early(10, 12, 8) and not cut.should_stop_early(10, 13, 8)
+
+
+def test_early_stop_in_the_generator_follows_the_rule(cut_pipe, monkeypatch):
+    # n_t per step, constructed; with early_stop_after=3, step 3 (30) is the first index >= 3 inside (10, 50)
+    trace = iter([100, 30, 100, 30, 100, 30, 30, 30, 30, 30])
+    monkeypatch.setattr(cut, "localized_pixels", lambda m: torch.full((len(m),), next(trace), dtype=torch.long))
+    result = cut_generate(cut_generator(cut_pipe))[0]
+    assert result.trace["early_stop_step"] == 3
+    assert result.trace["n_t"] == [100, 30, 100] and len(result.trace["alpha_t"]) == 3
+    assert len(result.trace["masked_max"]) == 10             # the remaining steps are still denoised
+
+
+# =========================================================================================================
+# cut.py: attention capture and the mechanism, measured on the tiny pipelines
+# =========================================================================================================
+
+
+@pytest.mark.parametrize("vae_factor, size", [(2, 64), (8, 128)])
+def test_recording_processor_matches_default_attention_and_records_maps_that_sum_to_one(
+        vae_factor, size, cut_tiny_sd, cut_tiny_sd8):
+    pipe = cut.load_pipeline(str(cut_tiny_sd if vae_factor == 2 else cut_tiny_sd8), "cpu", torch.float32)
+    generator = cut.CUT(pipe, cut.CutSettings(size=size))
+    unet, P = pipe.unet, generator.P
+    assert P == {2: 16, 8: 8}[vae_factor]
+    torch.manual_seed(0)
+    z = torch.randn(2, 4, generator.latent_size, generator.latent_size)
+    text = torch.randn(2, 77, 32)
+    before = unet.attn_processors
+    assert {type(p).__name__ for p in before.values()} <= {"AttnProcessor2_0", "AttnProcessor"}
+    with torch.no_grad():
+        expected = unet(z, 500, encoder_hidden_states=text).sample
+        with cut.recording_attention(unet, generator.layer_names, P) as recorder:
+            during = unet.attn_processors
+            got = unet(z, 500, encoder_hidden_states=text).sample
+            A_t = recorder.pop()
+            assert len(generator.layer_names) >= 1
+    assert all((during[n] is recorder) == (n in generator.layer_names) for n in before)
+    assert all(during[n] is before[n] for n in before if n not in generator.layer_names)
+    assert all(unet.attn_processors[n] is before[n] for n in before)       # restored, the same objects
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert A_t.shape == (2, P, P, 77)
+    assert torch.allclose(A_t.sum(-1), torch.ones(2, P, P), atol=1e-5)
+
+
+def test_recording_processors_are_restored_after_an_error(cut_pipe):
+    unet = cut_pipe.unet
+    before = unet.attn_processors
+    names = cut_generator(cut_pipe).layer_names
+    with pytest.raises(RuntimeError, match="boom"):
+        with cut.recording_attention(unet, names, 16):
+            raise RuntimeError("boom")
+    assert all(unet.attn_processors[n] is p for n, p in before.items())
+
+
+def test_attention_optimization_raises_masked_max_at_every_optimized_step(cut_pipe):
+    optimized = cut_generate(cut_generator(cut_pipe))[0].trace
+    plain = cut_generate(cut_generator(cut_pipe, optimize=False))[0].trace
+    steps = [i for i, count in enumerate(optimized["iterations"]) if count > 0]
+    assert len(steps) >= 3 and plain["iterations"] == []
+    for i in steps:
+        assert optimized["masked_max"][i] > plain["masked_max"][i], i
+
+
+def test_latent_update_moves_the_latent_only_inside_the_latent_mask(cut_pipe):
+    generator = cut_generator(cut_pipe)
+    prompt = cut.fill_prompt(CUT_PROMPT, "bottle")
+    ids, indices = generator.prompt_tokens(prompt, "damaged")
+    cond = generator.encode_text(prompt)
+    mask_latent = cut.downsample_mask(torch.from_numpy(cut_object_mask()), generator.latent_size)[None, None]
+    mask_attn = cut.downsample_mask(torch.from_numpy(cut_object_mask()), generator.P)[None]
+    z = torch.randn(1, 4, generator.latent_size, generator.latent_size, generator=torch.Generator().manual_seed(0))
+    with cut.recording_attention(generator.unet, generator.layer_names, generator.P) as recorder:
+        z_leaf = z.clone().requires_grad_(True)
+        anomaly_map = generator.attention_forward(recorder, z_leaf, 500, cond, indices, len(ids) - 1)
+        grad = torch.autograd.grad(cut.attention_loss(anomaly_map, mask_attn).sum(), z_leaf)[0]
+    z_new = cut.latent_update(z, grad, torch.tensor([10.0]), mask_latent)
+    moved = (z_new != z).any(dim=1)[0]                       # (h, w)
+    assert grad.abs()[0][:, mask_latent[0, 0] == 0].sum() > 0   # the raw gradient reaches outside the mask ...
+    assert not moved[mask_latent[0, 0] == 0].any()           # ... but the update does not
+    assert moved[mask_latent[0, 0] == 1].float().mean() > 0.9
+
+
+def test_alpha_t_follows_eq5_on_a_recorded_trace(cut_pipe):
+    settings = dict(lam=7.0, delta=0.02)
+    trace = cut_generate(cut_generator(cut_pipe, **settings))[0].trace
+    K = round(0.5 * 20)
+    assert len(trace["alpha_t"]) == len(trace["n_t"]) >= 3
+    assert trace["n_start"] == trace["n_t"][0]
+    for i, (n_t, alpha_t) in enumerate(zip(trace["n_t"], trace["alpha_t"])):
+        assert alpha_t == pytest.approx(7.0 * (1 + 0.02 * (K - i)) * n_t / trace["n_start"])
+
+
+def test_refinement_iterates_to_the_threshold_or_the_cap(cut_pipe):
+    trace = cut_generate(cut_generator(cut_pipe, thresholds={0: 0.99, 2: 0.0}, max_iters=4))[0].trace
+    assert trace["iterations"][0] == 4                       # 0.99 is out of reach: the cap
+    assert trace["iterations"][1] == 1 and trace["iterations"][2] == 1   # elsewhere and when reached: one
+
+
+# =========================================================================================================
+# cut.py: reproducibility, batching, both VAE topologies
+# =========================================================================================================
+
+
+def test_same_seed_gives_byte_identical_outputs_and_different_seeds_differ(cut_pipe, tmp_path):
+    generator = cut_generator(cut_pipe)
+    first, second = cut_generate(generator)[0], cut_generate(generator)[0]
+    other = cut_generate(generator, seeds=(1,))[0]
+    for name, result in (("a", first), ("b", second), ("c", other)):
+        data.save_image(result.image, tmp_path / f"{name}.png")
+        data.save_mask(result.mask, tmp_path / f"{name}_mask.png")
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+    assert (tmp_path / "a_mask.png").read_bytes() == (tmp_path / "b_mask.png").read_bytes()
+    assert first.trace == second.trace
+    assert not np.array_equal(first.image, other.image)
+
+
+def test_batch_of_two_matches_two_single_samples(cut_pipe):
+    generator = cut_generator(cut_pipe)
+    batched = cut_generate(generator, seeds=(0, 1))
+    single = [cut_generate(generator, seeds=(s,))[0] for s in (0, 1)]
+    for b, s in zip(batched, single):
+        assert np.abs(b.image.astype(int) - s.image.astype(int)).max() <= 2
+        assert np.abs(b.mask - s.mask).max() < 1e-3
+        assert b.trace["iterations"] == s.trace["iterations"]
+        assert np.allclose(b.trace["masked_max"], s.trace["masked_max"], atol=1e-4)
+
+
+def test_factor8_vae_topology_generates_image_and_soft_mask(cut_tiny_sd8):
+    pipe = cut.load_pipeline(str(cut_tiny_sd8), "cpu", torch.float32)
+    result = cut_generate(cut.CUT(pipe, cut.CutSettings(size=128, **CUT_FAST)))[0]
+    assert result.image.shape == (128, 128, 3) and result.image.dtype == np.uint8
+    assert result.mask.shape == (128, 128) and result.mask.max() == pytest.approx(1.0)
+    assert result.mask[cut_object_mask(128) == 0].max() == 0          # y_pix lives inside the foreground
+    assert result.trace["attn_res"] == 8
+
+
+
+# =========================================================================================================
+# cut.py: the CLI (MVTec-layout output, meta.jsonl, resume, shards, bad input)
+# =========================================================================================================
+
+
+@pytest.fixture()
+def cut_normal_folder(tmp_path) -> Path:
+    folder = tmp_path / "mvtec" / "bottle" / "train" / "good"
+    for i in range(2):
+        data.save_image(cut_object_image(80, seed=i), folder / f"{i:03d}.png")
+    return folder
+
+
+def test_cli_writes_the_mvtec_layout_meta_and_preview(cut_tiny_sd, cut_normal_folder, tmp_path):
+    out = tmp_path / "out"
+    assert cut.main(["--images", str(cut_normal_folder), *map(str, cut_cli_args(cut_tiny_sd, out, "--n", 2))]) == 0
+    names = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert names == ["bottle/ground_truth/damaged/000_0_mask.png", "bottle/ground_truth/damaged/000_1_mask.png",
+                     "bottle/ground_truth/damaged/001_0_mask.png", "bottle/ground_truth/damaged/001_1_mask.png",
+                     "bottle/meta.jsonl", "bottle/preview.png",
+                     "bottle/test/damaged/000_0.png", "bottle/test/damaged/000_1.png",
+                     "bottle/test/damaged/001_0.png", "bottle/test/damaged/001_1.png",
+                     "bottle/train/good/000.png", "bottle/train/good/001.png"]
+    samples = data.read_split(out, "bottle", "test")          # the output is a readable MVTec category
+    assert [s.defect for s in samples] == ["damaged"] * 4
+    mask = data.load_mask(samples[0].mask, binarize=False)
+    assert mask.shape == (CUT_SIZE, CUT_SIZE) and 0 < mask.max() <= 1 and len(np.unique(mask)) > 2   # soft
+    meta = data.read_jsonl(out / "bottle" / "meta.jsonl")
+    assert len(meta) == 4 and {(Path(m["source"]).name, m["seed"]) for m in meta} == \
+        {("000.png", 0), ("000.png", 1), ("001.png", 0), ("001.png", 1)}
+    record = meta[0]
+    assert record["prompt"] == "a photo of a bottle that is damaged" and record["word"] == "damaged"
+    assert record["token_ids"][record["token_indices"][0]] == 13568 and record["steps"] == 20
+    for key in ("n_t", "alpha_t", "iterations", "masked_max", "early_stop_step", "final_masked_max", "seconds",
+                "lambda", "delta", "gamma", "guidance", "thresholds", "max_iters", "attn_res", "mask_warning"):
+        assert key in record
+    assert np.array_equal(np.asarray(data.load_image(out / "bottle/train/good/000.png")),
+                          np.asarray(data.load_image(cut_normal_folder / "000.png")))
+
+
+def test_cli_resumes_an_interrupted_run_to_exactly_the_full_set(cut_tiny_sd, cut_normal_folder, tmp_path,
+                                                                 monkeypatch):
+    args = ["--images", str(cut_normal_folder), "--n", "2"]
+    reference = tmp_path / "reference"
+    assert cut.main(args + list(map(str, cut_cli_args(cut_tiny_sd, reference)))) == 0
+    out = tmp_path / "out"
+    real_save_mask, calls = data.save_mask, []
+
+    def interrupt_on_third(mask, path):                       # killed mid-sample: image written, mask not
+        calls.append(path)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        real_save_mask(mask, path)
+
+    monkeypatch.setattr(data, "save_mask", interrupt_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        cut.main(args + list(map(str, cut_cli_args(cut_tiny_sd, out))))
+    monkeypatch.setattr(data, "save_mask", real_save_mask)
+    assert len(data.read_jsonl(out / "bottle" / "meta.jsonl")) == 2
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name]  # no temporary left behind
+    assert cut.main(args + list(map(str, cut_cli_args(cut_tiny_sd, out)))) == 0
+    assert cut_tree(out) == cut_tree(reference)
+    meta = cut_meta(out)
+    assert len(meta) == 4 and len({m["image"] for m in meta}) == 4
+    assert sorted(meta, key=lambda m: m["image"]) == sorted(cut_meta(reference), key=lambda m: m["image"])
+    # complete: nothing to do; the model is not even loaded, and no file (the preview included) is rewritten
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    monkeypatch.setattr(cut, "load_pipeline", lambda *a, **k: pytest.fail("a finished run loaded the model"))
+    assert cut.main(args + list(map(str, cut_cli_args(cut_tiny_sd, out)))) == 0
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    assert len(data.read_jsonl(out / "bottle" / "meta.jsonl")) == 4
+
+
+def test_cli_two_shards_together_equal_one_process(cut_tiny_sd, cut_normal_folder, tmp_path, monkeypatch):
+    args = ["--images", str(cut_normal_folder), "--n", "3"]
+    single, sharded = tmp_path / "single", tmp_path / "sharded"
+    assert cut.main(args + list(map(str, cut_cli_args(cut_tiny_sd, single)))) == 0
+    assert cut.main(args + ["--shard", "1/2"] + list(map(str, cut_cli_args(cut_tiny_sd, sharded)))) == 0
+    monkeypatch.setenv("RANK", "0")                            # rank 0 as torchrun would launch it
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cut.main(args + list(map(str, cut_cli_args(cut_tiny_sd, sharded)))) == 0
+    assert cut_tree(sharded) == cut_tree(single)
+    key = lambda m: m["image"]  # noqa: E731
+    assert sorted(cut_meta(sharded), key=key) == sorted(cut_meta(single), key=key)
+
+
+@pytest.mark.parametrize("case", ["missing image", "corrupt image", "word not in prompt", "prompt too long",
+                                  "empty mask", "unknown model"])
+def test_cli_bad_input_is_one_sentence_exit_2_and_writes_nothing(case, cut_tiny_sd, tmp_path):
+    image = tmp_path / "bottle.png"
+    data.save_image(cut_object_image(), image)
+    out = tmp_path / "out"
+    args = cut_cli_args(cut_tiny_sd, out, "--image", image)
+    if case == "missing image":
+        args[args.index(image)] = tmp_path / "nope.png"
+    elif case == "corrupt image":
+        (tmp_path / "corrupt.png").write_bytes(image.read_bytes()[:60])
+        args[args.index(image)] = tmp_path / "corrupt.png"
+    elif case == "word not in prompt":
+        args += ["--word", "scratched"]
+    elif case == "prompt too long":
+        args[1] = "a photo of a {cls} " * 20 + "that is damaged"
+    elif case == "empty mask":
+        data.save_mask(np.zeros((CUT_SIZE, CUT_SIZE)), tmp_path / "empty.png")
+        args += ["--mask", tmp_path / "empty.png"]
+    elif case == "unknown model":
+        args[3] = tmp_path / "no_such_model"
+    result = cut_cli(*args)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cut.py: error: ") and "Traceback" not in result.stderr
+    assert lines[0].count(". ") == 0                            # one sentence
+    assert not out.exists()
+    if case == "unknown model":
+        assert "could not be loaded" in lines[0] and "--model" in lines[0]
+
+
+def test_cli_records_the_foreground_fallback_warning_and_honours_no_mask(cut_tiny_sd, tmp_path):
+    flat = tmp_path / "flat.png"
+    data.save_image(np.full((CUT_SIZE, CUT_SIZE, 3), 120, np.uint8), flat)   # Otsu finds no object
+    out = tmp_path / "out"
+    assert cut.main(["--image", str(flat), "--category", "bottle", *map(str, cut_cli_args(cut_tiny_sd, out))]) == 0
+    record = data.read_jsonl(out / "bottle" / "meta.jsonl")[0]
+    assert record["foreground"] == "otsu" and "whole image" in record["mask_warning"]
+    image = tmp_path / "object.png"
+    data.save_image(cut_object_image(), image)
+    assert cut.main(["--image", str(image), "--category", "bottle", "--no-mask",
+                     *map(str, cut_cli_args(cut_tiny_sd, out))]) == 0
+    record = [r for r in data.read_jsonl(out / "bottle" / "meta.jsonl") if r["source"] == str(image)][0]
+    assert record["foreground"] == "none" and record["mask_warning"] is None
+    mask = data.load_mask(out / "bottle" / record["mask"], binarize=False)
+    assert mask[cut_object_mask() == 0].max() > 0                 # no foreground restriction
 
 
 # =========================================================================================================

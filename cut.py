@@ -1,0 +1,869 @@
+"""CUT: controllable, universal, training-free visual anomaly generation (paper Sec. 4.1).
+
+A frozen Stable Diffusion turns a normal product photo plus a prompt ("a photo of a bottle that is damaged")
+into an anomalous photo and a soft anomaly mask, with no training:
+
+    normal image --VAE--> z_0 --noise to the gamma start--> z_t
+    for each remaining DDIM step t:
+        record the cross-attention of the anomaly word at P x P            (Eq. 3)
+        push that attention up inside the foreground mask by a gradient
+        step on z_t, refined at a few steps, with a step size that shrinks
+        as attention localizes, until it is localized (early stop)          (Eq. 4, Eq. 5)
+        denoise the optimized z_t with classifier-free guidance
+    decode -> anomalous image; last step's attention map -> soft mask y_pix
+
+Read top to bottom: defaults, small pure functions (one per equation or step), the attention recorder,
+the generator class, then the CLI. The core functions take tensors/arrays, never paths.
+
+    python cut.py --image bottle.png --prompt "a photo of a {cls} that is damaged" --category bottle --n 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import sys
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import data
+
+# ----------------------------------------------------------------------------------------------------------
+# Defaults (paper Sec. 4.1 / A.1 unless marked "ours")
+
+MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # the original runwayml id is gone from the Hub
+STEPS = 200                                 # A.1: T = 200 DDIM steps
+GAMMA = 0.25                                # A.1: strength; denoise only the last round(gamma * T) steps
+GUIDANCE = 7.5                              # classifier-free guidance scale
+SIZE = 512                                  # SD 1.5's native resolution
+LAMBDA = 10.0                               # Eq. 5: base step size lambda
+THRESHOLDS = {0: 0.05, 10: 0.5, 20: 0.8}    # iterative refinement targets of max(A^j * mask), as in A&E
+MAX_ITERS = 20                              # refinement iterations cap
+EARLY_STOP_AFTER = 10                       # early stopping is considered only after the first 10 steps
+EARLY_STOP_WINDOW = (10, 50)                # 10 < n_t < 50 at P = 16, scaled by (P / 16)^2
+SOFTMAX_SCALE = 100.0                       # Eq. 3: temperature of the token softmax (Attend-and-Excite)
+GAUSSIAN_SIGMA = 0.5                        # Eq. 3: 3 x 3 Gaussian smoothing
+MIN_FOREGROUND, MAX_FOREGROUND = 0.01, 0.99  # outside this coverage the foreground mask falls back to all
+PREVIEW_SAMPLES = 8                         # ours: rows (samples) shown in preview.png
+
+
+class CutError(Exception):
+    """Bad input for a user to fix; the CLI prints it as one sentence and exits with code 2."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Step 2: prompt and anomaly word
+
+
+def fill_prompt(prompt: str, category: str) -> str:
+    """`{cls}` -> the category name with `_` as spaces ("metal_nut" -> "metal nut")."""
+    return prompt.replace("{cls}", category.replace("_", " "))
+
+
+def default_word(prompt: str) -> str:
+    """The prompt's last word, punctuation stripped ("... that is damaged." -> "damaged")."""
+    words = re.findall(r"[A-Za-z0-9'-]+", prompt)
+    if not words:
+        raise CutError(f"the prompt {prompt!r} has no word to use as the anomaly word; pass --word")
+    return words[-1]
+
+
+def word_token_indices(tokenizer, prompt: str, word: str, max_length: int = 77) -> tuple[list[int], list[int]]:
+    """Token ids of the prompt (with start and end tokens) and the positions of all BPE sub-tokens of `word`.
+
+    A word that occurs more than once is taken at its last occurrence (ours: the anomaly word usually ends
+    the prompt). CutError if the word is absent or the prompt is longer than the text encoder's context.
+    """
+    ids = tokenizer(prompt, truncation=False).input_ids  # [<|startoftext|>, ..., <|endoftext|>]
+    limit = max_length
+    if len(ids) > limit:
+        raise CutError(f"the prompt {prompt!r} is {len(ids)} tokens long but the text encoder takes at most "
+                       f"{limit}; shorten it")
+    word_ids = tokenizer(word, add_special_tokens=False).input_ids
+    if not word_ids:
+        raise CutError(f"the anomaly word {word!r} is empty after tokenization; pass another --word")
+    for start in range(len(ids) - len(word_ids), 0, -1):
+        if ids[start:start + len(word_ids)] == word_ids:
+            return ids, list(range(start, start + len(word_ids)))
+    raise CutError(f"the anomaly word {word!r} does not occur in the prompt {prompt!r}; pass --word with a "
+                   f"word of the prompt")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Step 3: foreground mask ("simple binary thresholding")
+
+
+def otsu_threshold(gray: np.ndarray) -> int:
+    """Otsu's threshold of a uint8 image: the t maximizing the between-class variance of {<= t} and {> t}."""
+    hist = np.bincount(gray.ravel(), minlength=256).astype(np.float64)
+    p = hist / hist.sum()
+    omega = np.cumsum(p)                        # weight of the class <= t
+    mu = np.cumsum(p * np.arange(256))          # first moment of the class <= t
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = (mu[-1] * omega - mu) ** 2 / (omega * (1.0 - omega))
+    between = np.nan_to_num(between, nan=-1.0, posinf=-1.0)
+    return int(np.argmax(between))
+
+
+def foreground_mask(image: np.ndarray) -> tuple[np.ndarray, str | None]:
+    """Otsu foreground of an (H, W, 3) uint8 image -> ((H, W) float32 0/1, warning or None).
+
+    Polarity: the side of the threshold that covers most of the image border is background. A mask covering
+    under 1% or over 99% of the image falls back to the whole image, with a warning.
+    """
+    gray = (image[..., :3].astype(np.float64) @ [0.299, 0.587, 0.114]).round().clip(0, 255).astype(np.uint8)
+    above = gray > otsu_threshold(gray)                                        # (H, W) bool
+    border = np.concatenate([above[0], above[-1], above[1:-1, 0], above[1:-1, -1]])
+    mask = ~above if border.mean() > 0.5 else above
+    coverage = float(mask.mean())
+    if not MIN_FOREGROUND <= coverage <= MAX_FOREGROUND:
+        return np.ones(gray.shape, np.float32), (f"foreground mask covers {coverage:.1%} of the image, "
+                                                 f"outside [1%, 99%]; using the whole image")
+    return mask.astype(np.float32), None
+
+
+def downsample_mask(mask: torch.Tensor, size: int) -> torch.Tensor:
+    """(H, W) 0/1 -> (size, size) 0/1: area average, then > 0.5."""
+    area = F.interpolate(mask[None, None].float(), size=(size, size), mode="area")
+    return (area[0, 0] > 0.5).float()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Eq. 3 to 5 and early stopping: pure functions on tensors
+
+
+def gaussian_kernel(sigma: float = GAUSSIAN_SIGMA, size: int = 3) -> torch.Tensor:
+    """(size, size) normalized Gaussian exp(-d^2 / (2 sigma^2)) (not A&E's exp(-(d / 2 sigma)^2) typo)."""
+    d = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
+    g = torch.exp(-d ** 2 / (2 * sigma ** 2))
+    kernel = g[:, None] * g[None, :]
+    return kernel / kernel.sum()
+
+
+def anomaly_attention_map(A_t: torch.Tensor, token_indices: list[int], end_index: int,
+                          sigma: float = GAUSSIAN_SIGMA) -> torch.Tensor:
+    """Eq. 3: the smoothed cross-attention map of the anomaly word.
+
+    A_t: (B, P, P, N) attention probabilities averaged over heads and layers (they sum to 1 over N tokens).
+    token_indices: positions of the word's sub-tokens in the prompt; end_index: position of <|endoftext|>.
+    Returns (B, P, P): per-pixel max over the sub-tokens of the smoothed token maps.
+    """
+    # drop <|startoftext|> (it soaks up most attention), re-normalize over the prompt's words only
+    text = torch.softmax(SOFTMAX_SCALE * A_t[..., 1:end_index].float(), dim=-1)   # (B, P, P, end_index - 1)
+    word = text[..., [j - 1 for j in token_indices]].permute(0, 3, 1, 2)           # (B, J, P, P)
+    B, J, P, _ = word.shape
+    kernel = gaussian_kernel(sigma).to(word.device)[None, None]                    # (1, 1, 3, 3)
+    padded = F.pad(word.reshape(B * J, 1, P, P), (1, 1, 1, 1), mode="reflect")
+    smoothed = F.conv2d(padded, kernel).reshape(B, J, P, P)
+    return smoothed.amax(dim=1)                                                    # (B, P, P)
+
+
+def masked_max(anomaly_map: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """max(A^j * mask) per sample: (B, P, P), (B, P, P) or (P, P) -> (B,)."""
+    return (anomaly_map * mask).flatten(1).amax(dim=1)
+
+
+def attention_loss(anomaly_map: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Eq. 4: L_att = 1 - max(A^j * mask), per sample (B,)."""
+    return 1.0 - masked_max(anomaly_map, mask)
+
+
+def latent_update(z_t: torch.Tensor, grad: torch.Tensor, alpha_t: torch.Tensor,
+                  mask_latent: torch.Tensor) -> torch.Tensor:
+    """Eq. 4: z_t <- z_t - alpha_t * grad(L_att, z_t) * mask_latent.
+
+    z_t, grad: (B, 4, h, w); alpha_t: (B,); mask_latent: (B, 1, h, w) 0/1, so z_t moves only inside it.
+    """
+    return z_t - alpha_t.view(-1, 1, 1, 1) * grad * mask_latent
+
+
+def localized_pixels(anomaly_map: torch.Tensor) -> torch.Tensor:
+    """Eq. 5: n_t = number of pixels of the smoothed map above its mean. (B, P, P) -> (B,) long."""
+    mean = anomaly_map.flatten(1).mean(dim=1).view(-1, 1, 1)
+    return (anomaly_map > mean).flatten(1).sum(dim=1)
+
+
+def step_size(lam: float, delta: float, t: int, n_t: float, n_start: float) -> float:
+    """Eq. 5: localization-aware step size alpha_t = lambda * (1 + Delta * t) * n_t / n_start.
+
+    t is the number of denoising steps still to run (the current one included), so alpha_t shrinks as
+    denoising proceeds and as the attention localizes (n_t falls below n_start).
+    """
+    return lam * (1.0 + delta * t) * n_t / max(n_start, 1)
+
+
+def early_stop_window(P: int, window: tuple[float, float] = EARLY_STOP_WINDOW) -> tuple[float, float]:
+    """The window of n_t, (10, 50) at P = 16, scaled by the number of pixels (P / 16)^2."""
+    scale = (P / 16) ** 2
+    return window[0] * scale, window[1] * scale
+
+
+def should_stop_early(step: int, n_t: int, P: int, after: int = EARLY_STOP_AFTER,
+                      window: tuple[float, float] = EARLY_STOP_WINDOW) -> bool:
+    """Early stopping: at step index >= `after` (0-based), stop for good the first time low < n_t < high."""
+    low, high = early_stop_window(P, window)
+    return step >= after and low < n_t < high
+
+
+def coarse_mask(anomaly_map: torch.Tensor, foreground: torch.Tensor) -> torch.Tensor:
+    """Step 10: y_pix = upsample(A^j) / max * foreground. (P, P), (H, W) -> (H, W) in [0, 1]."""
+    H, W = foreground.shape
+    up = F.interpolate(anomaly_map[None, None].float(), size=(H, W), mode="bilinear", align_corners=False)[0, 0]
+    up = up.clamp(min=0) / up.max().clamp(min=1e-12)
+    return up * foreground
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Step 4: attention capture with a diffusers attention processor
+
+
+class AttentionCaptured(Exception):
+    """Raised by the recorder to end a forward pass once every recorded layer has run (see `stop_after`)."""
+
+
+class AttentionRecorder:
+    """Cross-attention processor that computes attention explicitly and keeps its probabilities.
+
+    It is the computation of diffusers' AttnProcessor, plus one line that stores the probabilities averaged
+    over heads, (B, P*P, N) per layer, with their autograd graph when gradients are enabled.
+    With `stop_after` = k it raises AttentionCaptured after the k-th recorded layer: the optimization
+    forward needs only the maps, not the noise prediction, so the UNet's high-resolution decoder blocks
+    after the last P x P layer are skipped (ours: same maps and gradients, fewer FLOPs).
+    """
+
+    def __init__(self, resolution: int):
+        self.resolution = resolution
+        self.probs: list[torch.Tensor] = []        # one (B, P*P, N) per recorded layer and forward
+        self.stop_after: int | None = None
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 *args, **kwargs):
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        batch_size, query_length, _ = hidden_states.shape
+        if query_length != self.resolution ** 2:
+            raise RuntimeError(f"attention recorder for {self.resolution}x{self.resolution} got {query_length} "
+                               f"queries")
+        key_length = query_length if encoder_hidden_states is None else encoder_hidden_states.shape[1]
+        attention_mask = attn.prepare_attention_mask(attention_mask, key_length, batch_size)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        query, key, value = (attn.head_to_batch_dim(x) for x in (query, key, value))   # (B*heads, L, d)
+
+        probs = attn.get_attention_scores(query, key, attention_mask)                # (B*heads, P*P, N)
+        self.probs.append(probs.view(batch_size, attn.heads, *probs.shape[1:]).mean(dim=1))
+        if self.stop_after is not None and len(self.probs) >= self.stop_after:
+            raise AttentionCaptured
+
+        hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))                # linear proj, dropout
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+    def pop(self) -> torch.Tensor:
+        """A_t: the recorded probabilities averaged over layers, (B, P, P, N); clears the store."""
+        if not self.probs:
+            raise RuntimeError("no cross-attention was recorded")
+        stacked = torch.stack(self.probs).float().mean(dim=0)                        # (B, P*P, N)
+        self.probs = []
+        P = self.resolution
+        return stacked.view(stacked.shape[0], P, P, stacked.shape[-1])
+
+
+def cross_attention_layers(unet, latent_size: int) -> dict[int, list[str]]:
+    """Query grid side -> processor names of the UNet's cross-attention layers with that grid.
+
+    In UNet2DConditionModel every down block but the last halves the grid after its attentions, and the
+    up blocks mirror them: down_blocks.i and up_blocks.(n-1-i) run at latent_size / 2^i, the mid block at
+    the coarsest grid.
+    """
+    from diffusers.models.attention_processor import Attention
+
+    levels = len(unet.config.block_out_channels)
+    layers: dict[int, list[str]] = {}
+    for name, module in unet.named_modules():
+        if not (isinstance(module, Attention) and module.is_cross_attention):
+            continue
+        block, _, rest = name.partition(".")
+        if block == "down_blocks":
+            level = int(rest.split(".")[0])
+        elif block == "up_blocks":
+            level = levels - 1 - int(rest.split(".")[0])
+        else:                                                    # mid_block
+            level = levels - 1
+        side = math.ceil(latent_size / 2 ** level)
+        layers.setdefault(side, []).append(f"{name}.processor")
+    return layers
+
+
+def choose_attention_resolution(available: list[int], latent_size: int, requested: int | None) -> int:
+    """P: `requested`, else the cross-attention grid closest to latent_size / 4 (16 for SD at 512)."""
+    if requested is not None:
+        if requested not in available:
+            raise CutError(f"--attn-res {requested} is not a cross-attention resolution of this UNet at this "
+                           f"--size; choose one of {sorted(available)}")
+        return requested
+    return min(sorted(available, reverse=True), key=lambda side: abs(side - latent_size / 4))
+
+
+@contextmanager
+def recording_attention(unet, layer_names: list[str], resolution: int):
+    """Install an AttentionRecorder on `layer_names` only; every processor is restored afterwards, also on
+    error. Yields the recorder."""
+    originals = unet.attn_processors                         # name -> processor object, kept as they are
+    recorder = AttentionRecorder(resolution)
+    unet.set_attn_processor({name: recorder if name in layer_names else processor
+                             for name, processor in originals.items()})
+    try:
+        yield recorder
+    finally:
+        unet.set_attn_processor(dict(originals))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The generator
+
+
+@dataclass
+class CutSettings:
+    steps: int = STEPS
+    gamma: float = GAMMA
+    guidance: float = GUIDANCE
+    lam: float = LAMBDA
+    delta: float | None = None                   # Eq. 5: Delta; None -> 1 / steps
+    thresholds: dict = field(default_factory=lambda: dict(THRESHOLDS))
+    max_iters: int = MAX_ITERS
+    attn_res: int | None = None                  # None -> auto
+    size: int = SIZE
+    optimize: bool = True                        # False: plain img2img with the same recording (a baseline)
+    early_stop_after: int = EARLY_STOP_AFTER
+    early_stop_window: tuple[float, float] = EARLY_STOP_WINDOW   # at P = 16
+
+    def __post_init__(self):
+        if self.delta is None:
+            self.delta = 1.0 / self.steps
+
+
+@dataclass
+class CutResult:
+    image: np.ndarray                            # (S, S, 3) uint8
+    mask: np.ndarray                             # (S, S) float32 in [0, 1], the soft y_pix
+    trace: dict                                  # per-step n_t, alpha_t, iterations, masked max, early stop
+
+
+def load_pipeline(model: str, device: str, dtype: torch.dtype):
+    """Any SD 1.x/2.x diffusers folder or Hub id -> StableDiffusionPipeline on `device`, DDIM scheduler."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    try:
+        with warnings.catch_warnings():  # newer diffusers renamed torch_dtype to dtype; older ones lack dtype
+            warnings.simplefilter("ignore", FutureWarning)
+            pipe = StableDiffusionPipeline.from_pretrained(model, torch_dtype=dtype, safety_checker=None,
+                                                           feature_extractor=None, requires_safety_checker=False)
+    except Exception as error:  # diffusers raises OSError, ValueError, HFValidationError, ... for bad models
+        raise CutError(f"the model {model!r} could not be loaded or downloaded ({type(error).__name__}); "
+                       f"pass --model with a local Stable Diffusion 1.x/2.x diffusers folder (one containing "
+                       f"model_index.json)") from None
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+class CUT:
+    """The generator: a frozen StableDiffusionPipeline plus CutSettings -> anomalous images and soft masks."""
+
+    def __init__(self, pipe, settings: CutSettings | None = None):
+        self.pipe, self.settings = pipe, settings or CutSettings()
+        self.unet, self.vae = pipe.unet, pipe.vae
+        for model in (pipe.unet, pipe.vae, pipe.text_encoder):
+            model.requires_grad_(False)      # frozen: gradients flow to the latent only (less memory)
+        self.device = self.unet.device
+        self.context = pipe.text_encoder.config.max_position_embeddings       # 77 for SD 1.x/2.x
+        self.vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        S = self.settings.size
+        multiple = self.vae_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        if S % multiple:
+            raise CutError(f"--size {S} must be a multiple of {multiple} for this model")
+        self.latent_size = S // self.vae_factor
+        layers = cross_attention_layers(self.unet, self.latent_size)
+        self.P = choose_attention_resolution(list(layers), self.latent_size, self.settings.attn_res)
+        self.layer_names = layers[self.P]
+
+    # -- prompt --------------------------------------------------------------------------------------------
+
+    def prompt_tokens(self, prompt: str, word: str) -> tuple[list[int], list[int]]:
+        return word_token_indices(self.pipe.tokenizer, prompt, word, self.context)
+
+    @torch.no_grad()
+    def encode_text(self, prompt: str) -> torch.Tensor:
+        """(1, 77, D) text embedding, padded to the encoder's context as SD does."""
+        tokenizer = self.pipe.tokenizer
+        ids = tokenizer(prompt, padding="max_length", max_length=self.context, truncation=True,
+                        return_tensors="pt").input_ids.to(self.device)
+        return self.pipe.text_encoder(ids)[0].to(self.unet.dtype)
+
+    # -- the per-step pieces -------------------------------------------------------------------------------
+
+    def timesteps(self) -> torch.Tensor:
+        """Step 1: the last round(gamma * T) of T DDIM timesteps (img2img with strength gamma)."""
+        scheduler = self.pipe.scheduler
+        scheduler.set_timesteps(self.settings.steps, device=self.device)
+        K = min(round(self.settings.gamma * self.settings.steps), self.settings.steps)
+        if K < 1:
+            raise CutError(f"--gamma {self.settings.gamma} with --steps {self.settings.steps} leaves no step "
+                           f"to denoise; raise either")
+        return scheduler.timesteps[len(scheduler.timesteps) - K:]
+
+    @torch.no_grad()
+    def encode_images(self, images: np.ndarray, generators: list[torch.Generator]) -> torch.Tensor:
+        """(B, S, S, 3) uint8 -> (B, 4, h, w) fp32 latents z_0, one VAE sample per seed."""
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+        x = x.to(self.device, self.vae.dtype)
+        dist = self.vae.encode(x).latent_dist
+        eps = torch.cat([torch.randn(dist.mean[:1].shape, generator=g) for g in generators])  # seeded on CPU
+        z_0 = dist.mean.float() + dist.std.float() * eps.to(self.device)
+        return z_0 * self.vae.config.scaling_factor
+
+    def attention_forward(self, recorder, z_t: torch.Tensor, t, cond: torch.Tensor, token_indices, end_index):
+        """Conditional UNet forward on z_t (grad kept if enabled) -> smoothed anomaly map (B, P, P).
+
+        The forward ends at the last recorded layer: its noise prediction would be thrown away."""
+        recorder.stop_after = len(self.layer_names)
+        z_in = self.pipe.scheduler.scale_model_input(z_t, t).to(self.unet.dtype)
+        try:
+            self.unet(z_in, t, encoder_hidden_states=cond.expand(len(z_t), -1, -1))
+        except AttentionCaptured:
+            pass
+        finally:
+            recorder.stop_after = None
+        return anomaly_attention_map(recorder.pop(), token_indices, end_index)
+
+    @torch.no_grad()
+    def denoise(self, recorder, z_t: torch.Tensor, t, cond, uncond, token_indices, end_index):
+        """Classifier-free guidance step z_t -> z_{t-1}; also the conditional anomaly map (B, P, P)."""
+        B = len(z_t)
+        z_in = self.pipe.scheduler.scale_model_input(torch.cat([z_t, z_t]), t).to(self.unet.dtype)
+        emb = torch.cat([uncond.expand(B, -1, -1), cond.expand(B, -1, -1)])
+        eps = self.unet(z_in, t, encoder_hidden_states=emb).sample.float()
+        anomaly_map = anomaly_attention_map(recorder.pop()[B:], token_indices, end_index)   # conditional half
+        eps_uncond, eps_cond = eps.chunk(2)
+        eps = eps_uncond + self.settings.guidance * (eps_cond - eps_uncond)
+        return self.pipe.scheduler.step(eps, t, z_t).prev_sample.float(), anomaly_map
+
+    def optimize(self, recorder, z: torch.Tensor, i: int, remaining: int, t, states: list[dict], cond,
+                 token_indices, end_index, mask_attn: torch.Tensor, mask_latent: torch.Tensor) -> torch.Tensor:
+        """Eq. 4, refinement, Eq. 5 and early stopping at step index i, for the samples still optimizing.
+
+        `remaining` is Eq. 5's t: the number of denoising steps still to run, the current one included.
+        z: (B, 4, h, w) fp32; mask_attn: (B, P, P); mask_latent: (B, 1, h, w). Returns the updated z.
+        Samples are independent in the UNet, so the gradient of the summed losses is each sample's own.
+        """
+        s = self.settings
+        rows = [b for b, state in enumerate(states) if state["early_stop_step"] is None]
+        threshold = s.thresholds.get(i)                              # None: one update at this step
+        z = z.clone()
+        first = True
+        while rows:
+            if not first:                                            # refinement cap, before paying a forward
+                rows = [b for b in rows if states[b]["iterations"][-1] < s.max_iters]
+                if not rows:
+                    break
+            with torch.enable_grad():
+                z_rows = z[rows].detach().requires_grad_(True)
+                anomaly_map = self.attention_forward(recorder, z_rows, t, cond, token_indices, end_index)
+                loss = attention_loss(anomaly_map, mask_attn[rows])    # (R,) Eq. 4
+            keep = []
+            for k, b in enumerate(rows):
+                state = states[b]
+                if first:
+                    n_t = int(localized_pixels(anomaly_map[k:k + 1].detach()))      # Eq. 5: n_t
+                    if i == 0:
+                        state["n_start"] = n_t
+                    if should_stop_early(i, n_t, self.P, s.early_stop_after, s.early_stop_window):
+                        state["early_stop_step"] = i                 # no update now nor later
+                        continue
+                    state["n_t"].append(n_t)
+                    state["alpha_t"].append(step_size(s.lam, s.delta, remaining, n_t, state["n_start"]))
+                    state["iterations"].append(0)
+                elif 1.0 - float(loss[k].detach()) >= threshold:
+                    continue                                         # refinement reached its target
+                keep.append(k)
+            if keep:
+                grad = torch.autograd.grad(loss[keep].sum(), z_rows)[0][keep]
+                rows = [rows[k] for k in keep]
+                alpha_t = torch.tensor([states[b]["alpha_t"][-1] for b in rows], device=z.device)
+                z[rows] = latent_update(z[rows], grad, alpha_t, mask_latent[rows])
+                for b in rows:
+                    states[b]["iterations"][-1] += 1
+            else:
+                rows = []
+            if threshold is None:
+                break
+            first = False
+        return z.detach()
+
+    # -- one batch of samples ------------------------------------------------------------------------------
+
+    def generate(self, images: list[np.ndarray], foregrounds: list[np.ndarray], seeds: list[int],
+                 prompt: str, word: str) -> list[CutResult]:
+        """B normal images (S, S, 3) uint8, foreground masks (S, S) 0/1, seeds -> B CutResults.
+
+        Every sample has its own torch.Generator, so a sample's output does not depend on its batch-mates
+        (up to float rounding of batched kernels).
+        """
+        s, P = self.settings, self.P
+        ids, token_indices = self.prompt_tokens(prompt, word)
+        end_index = len(ids) - 1
+        cond, uncond = self.encode_text(prompt), self.encode_text("")
+        generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+        B = len(images)
+
+        foreground = torch.from_numpy(np.stack(foregrounds)).float().to(self.device)      # (B, S, S)
+        mask_attn = torch.stack([downsample_mask(m, P) for m in foreground])              # (B, P, P)
+        mask_latent = torch.stack([downsample_mask(m, self.latent_size) for m in foreground])[:, None]
+        timesteps = self.timesteps()
+        K = len(timesteps)
+        states = [{"n_start": None, "n_t": [], "alpha_t": [], "iterations": [], "masked_max": [],
+                   "early_stop_step": None} for _ in range(B)]
+        if not s.optimize:
+            for state in states:
+                state["early_stop_step"] = -1       # a baseline: never optimize, but keep the recording
+
+        # Step 1: noise z_0 to the first of the last K timesteps
+        z_0 = self.encode_images(np.stack(images), generators)                            # (B, 4, h, w)
+        noise = torch.cat([torch.randn(z_0[:1].shape, generator=g) for g in generators]).to(self.device)
+        z = self.pipe.scheduler.add_noise(z_0, noise, timesteps[:1]).float()
+
+        with recording_attention(self.unet, self.layer_names, P) as recorder:
+            for i, t in enumerate(timesteps):
+                z = self.optimize(recorder, z, i, K - i, t, states, cond, token_indices, end_index, mask_attn,
+                                  mask_latent)
+                z, anomaly_map = self.denoise(recorder, z, t, cond, uncond, token_indices, end_index)
+                for b, value in enumerate(masked_max(anomaly_map, mask_attn).tolist()):
+                    states[b]["masked_max"].append(value)
+        with torch.no_grad():
+            decoded = self.vae.decode(z.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+        pixels = ((decoded.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+        results = []
+        for b, state in enumerate(states):
+            y_pix = coarse_mask(anomaly_map[b], foreground[b]).cpu().numpy().astype(np.float32)
+            trace = {
+                "token_ids": ids, "token_indices": token_indices, "attn_res": P,
+                "n_start": state["n_start"], "n_t": state["n_t"], "alpha_t": state["alpha_t"],
+                "iterations": state["iterations"], "masked_max": state["masked_max"],
+                "early_stop_step": state["early_stop_step"] if s.optimize else None,
+                "final_masked_max": state["masked_max"][-1],
+            }
+            results.append(CutResult(pixels[b], y_pix, trace))
+        return results
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CLI: paths, jobs, resume, sharding and writing live here
+
+
+@dataclass(frozen=True)
+class Job:
+    source: Path            # the normal image
+    category: str
+    seed: int
+    first: bool             # the image's first seed: this job's rank also copies it to train/good
+
+
+def parse_thresholds(text: str) -> dict[int, float]:
+    """ "0:0.05,10:0.5,20:0.8" -> {0: 0.05, 10: 0.5, 20: 0.8}; "" -> {} (no refinement)."""
+    try:
+        pairs = [item.split(":") for item in text.split(",") if item.strip()]
+        return {int(step): float(value) for step, value in pairs}
+    except ValueError:
+        raise CutError(f"--thresholds {text!r}: expected step:value pairs such as 0:0.05,10:0.5,20:0.8") from None
+
+
+def category_of(path: Path, images_dir: Path | None) -> str:
+    """ROOT/<category>/train/good/x.png -> category; else the --images folder's name, else the file stem."""
+    parts = path.resolve().parts
+    if len(parts) >= 4 and parts[-2] == "good" and parts[-3] in ("train", "test"):
+        return parts[-4]
+    return images_dir.resolve().name if images_dir is not None else path.stem
+
+
+def folder_name(text: str) -> str:
+    """A word or category as a folder name ("metal nut" -> "metal_nut")."""
+    return re.sub(r"[^\w.-]+", "_", text.strip()).strip("_") or "anomaly"
+
+
+def sample_paths(out: Path, category: str, word: str, stem: str, seed: int) -> tuple[Path, Path]:
+    """OUT/<category>/test/<word>/<stem>_<seed>.png and its ground_truth/<word>/<stem>_<seed>_mask.png."""
+    name = f"{stem}_{seed}"
+    return (out / category / "test" / word / f"{name}.png",
+            data.mask_path(out, category, word, name))
+
+
+def resolve_device(device: str | None, dtype: str) -> tuple[str, torch.dtype]:
+    """cuda (torchrun: cuda:LOCAL_RANK, one GPU per rank) if available, else cpu; fp16 on CUDA, fp32 on CPU."""
+    if device is None:
+        device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = "fp16" if device.startswith("cuda") else "fp32"
+    if dtype == "fp16" and device == "cpu":
+        raise CutError("--dtype fp16 is not supported on the CPU; use fp32 (default) or bf16")
+    return device, {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+
+
+def prepare_image(path: Path, size: int) -> np.ndarray:
+    """The normal image as (S, S, 3) uint8 (Lanczos, as diffusers' image processor)."""
+    return np.asarray(data.load_image(path).resize((size, size), Image.LANCZOS))
+
+
+def preview_is_stale(out: Path, category: str) -> bool:
+    """preview.png is missing or older than meta.jsonl (samples were added since it was drawn)."""
+    preview, meta = out / category / "preview.png", out / category / "meta.jsonl"
+    return meta.is_file() and (not preview.is_file() or preview.stat().st_mtime_ns < meta.stat().st_mtime_ns)
+
+
+def write_preview(out: Path, category: str, size: int) -> Path | None:
+    """OUT/<category>/preview.png: one row per sample (normal | generated | mask overlay), first samples."""
+    records = sorted(data.read_jsonl(out / category / "meta.jsonl"), key=lambda r: (r["source"], r["seed"]))
+    rows = []
+    for record in records:
+        image_path, mask_file = out / category / record["image"], out / category / record["mask"]
+        normal_path = out / category / "train" / "good" / f"{Path(record['source']).stem}.png"
+        if not (image_path.is_file() and mask_file.is_file() and normal_path.is_file()):
+            continue
+        generated = np.asarray(data.load_image(image_path))
+        rows.append([np.asarray(data.load_image(normal_path).resize((size, size), Image.LANCZOS)), generated,
+                     data.overlay(generated, data.load_mask(mask_file, binarize=False))])
+        if len(rows) == PREVIEW_SAMPLES:
+            break
+    if not rows:
+        return None
+    path = out / category / "preview.png"
+    data.save_image(data.contact_sheet(rows, labels=["normal", "generated", "mask overlay"]), path)
+    return path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="CUT: turn normal images into anomalous ones with soft masks (MVTec layout output).")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--image", action="append", type=Path, help="a normal image (repeatable)")
+    source.add_argument("--images", type=Path, help="a folder of normal images, e.g. ROOT/bottle/train/good")
+    parser.add_argument("--prompt", required=True, help='e.g. "a photo of a {cls} that is damaged"')
+    parser.add_argument("--word", help="the anomaly word of the prompt (default: its last word)")
+    parser.add_argument("--category", help="category folder name (default: from an MVTec path, else the "
+                                           "--images folder name, else the image's file stem)")
+    parser.add_argument("--n", type=int, default=1, help="samples per image (seeds seed .. seed+n-1)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("generated"))
+    parser.add_argument("--model", default=MODEL, help="Hub id or local SD 1.x/2.x diffusers folder")
+    parser.add_argument("--size", type=int, default=SIZE)
+    parser.add_argument("--device", help="default: cuda if available, else cpu")
+    parser.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
+                        help="UNet/VAE/text weights (default fp16 on CUDA, fp32 on CPU); latents stay fp32")
+    parser.add_argument("--shard", help="i/n: run every n-th job starting at i (default: torchrun's env)")
+    parser.add_argument("--batch", type=int, default=1, help="samples denoised together")
+    parser.add_argument("--steps", type=int, default=STEPS, help="T, DDIM steps (A.1: 200)")
+    parser.add_argument("--gamma", type=float, default=GAMMA, help="img2img strength (A.1: 0.25)")
+    parser.add_argument("--guidance", type=float, default=GUIDANCE, help="classifier-free guidance scale")
+    parser.add_argument("--lambda", dest="lam", metavar="LAMBDA", type=float, default=LAMBDA, help="Eq. 5 lambda (10)")
+    parser.add_argument("--delta", type=float, default=None, help="Eq. 5 Delta (default 1 / steps)")
+    parser.add_argument("--thresholds", default="0:0.05,10:0.5,20:0.8", help="refinement step:target pairs")
+    parser.add_argument("--max-iters", type=int, default=MAX_ITERS, help="refinement iterations cap")
+    parser.add_argument("--early-stop-after", type=int, default=EARLY_STOP_AFTER,
+                        help="early stopping starts at this step index (10)")
+    parser.add_argument("--early-stop-window", default="10,50",
+                        help="low,high: stop when low < n_t < high (at P = 16; scaled by (P/16)^2)")
+    parser.add_argument("--attn-res", default="auto", help="P, the attention grid side (auto: 16 for SD at 512)")
+    fg = parser.add_mutually_exclusive_group()
+    fg.add_argument("--mask", type=Path, help="foreground mask file for every image (instead of Otsu)")
+    fg.add_argument("--no-mask", action="store_true", help="optimize attention over the whole image")
+    return parser
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Validate everything, then generate the missing samples of this shard. Returns a summary."""
+    started = time.time()
+    for name in ("n", "batch", "steps", "size", "max_iters"):
+        if getattr(args, name) < 1:
+            raise CutError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if not 0 < args.gamma <= 1:
+        raise CutError(f"--gamma must be in (0, 1], got {args.gamma}")
+    thresholds = parse_thresholds(args.thresholds)
+    try:
+        low, high = (float(v) for v in args.early_stop_window.split(","))
+    except ValueError:
+        raise CutError(f"--early-stop-window {args.early_stop_window!r}: expected low,high such as 10,50") from None
+    attn_res = None if args.attn_res == "auto" else args.attn_res
+    if attn_res is not None and not attn_res.isdigit():
+        raise CutError(f"--attn-res must be 'auto' or a whole number, got {args.attn_res!r}")
+
+    # Inputs: every image must decode before anything is written
+    if args.images is not None:
+        if not args.images.is_dir():
+            raise CutError(f"--images {args.images}: no such folder")
+        sources = data.list_images(args.images)
+        if not sources:
+            raise CutError(f"--images {args.images}: the folder holds no image files")
+    else:
+        sources = list(args.image)
+    categories = {}
+    for path in sources:
+        data.load_image(path)
+        categories[path] = args.category or category_of(path, args.images)
+    stems = {}
+    for path, category in categories.items():
+        if stems.setdefault((category, path.stem), path) != path:
+            raise CutError(f"{path} and {stems[(category, path.stem)]} have the same file name stem in category "
+                           f"{category!r}; rename one or pass them in separate runs with different --category")
+    user_mask = None
+    if args.mask is not None:
+        user_mask = data.load_mask(args.mask, size=(args.size, args.size))
+        if user_mask.mean() < MIN_FOREGROUND:
+            raise CutError(f"--mask {args.mask} has {user_mask.mean():.2%} foreground at {args.size}x{args.size}, "
+                           f"under 1%; draw the region where anomalies may appear in white")
+    rank, world = data.resolve_shard(args.shard)
+
+    device, dtype = resolve_device(args.device, args.dtype)
+    settings = CutSettings(steps=args.steps, gamma=args.gamma, guidance=args.guidance, lam=args.lam,
+                           delta=args.delta, thresholds=thresholds, max_iters=args.max_iters,
+                           attn_res=int(attn_res) if attn_res else None, size=args.size,
+                           early_stop_after=args.early_stop_after, early_stop_window=(low, high))
+    prompts = {}
+    for category in sorted(set(categories.values())):
+        prompt = fill_prompt(args.prompt, category)
+        prompts[category] = (prompt, args.word or default_word(prompt))
+
+    jobs = [Job(path, categories[path], args.seed + k, k == 0) for path in sources for k in range(args.n)]
+    mine = data.shard_jobs(jobs, rank, world)
+    done = {}
+    for category in set(categories.values()):
+        done[category] = {record["image"] for record in data.read_jsonl(args.out / category / "meta.jsonl")}
+
+    def complete(job: Job) -> bool:
+        word = folder_name(prompts[job.category][1])
+        image_path, mask_file = sample_paths(args.out, job.category, word, job.source.stem, job.seed)
+        key = image_path.relative_to(args.out / job.category).as_posix()
+        return key in done[job.category] and image_path.is_file() and mask_file.is_file()
+
+    pending = [job for job in mine if not complete(job)]
+    if pending:  # a finished run (a re-run of reproduce.sh, say) does not even load the model
+        generator = CUT(load_pipeline(args.model, device, dtype), settings)
+        if user_mask is not None and downsample_mask(torch.from_numpy(user_mask), generator.P).sum() == 0:
+            raise CutError(f"--mask {args.mask} vanishes at the {generator.P}x{generator.P} attention resolution; "
+                           f"use a larger region")
+        for prompt, word in prompts.values():
+            generator.prompt_tokens(prompt, word)       # CutError if absent or too long, before any write
+    for job in mine:                                    # the rank holding an image's first seed copies it
+        normal_copy = args.out / job.category / "train" / "good" / f"{job.source.stem}.png"
+        if job.first and not normal_copy.is_file():
+            data.save_image(data.load_image(job.source), normal_copy)
+
+    from tqdm import tqdm
+
+    written = 0
+    progress = tqdm(total=len(pending), desc=f"cut {rank}/{world}" if world > 1 else "cut", unit="sample")
+    while pending:
+        category = pending[0].category
+        batch = [job for job in pending[:args.batch] if job.category == category]
+        pending = pending[len(batch):]
+        prompt, word = prompts[category]
+        images, foregrounds, warnings_ = [], [], []
+        for job in batch:
+            image = prepare_image(job.source, args.size)
+            if args.no_mask:
+                mask, warning = np.ones(image.shape[:2], np.float32), None
+            elif user_mask is not None:
+                mask, warning = user_mask, None
+            else:
+                mask, warning = foreground_mask(image)
+                if warning is None and downsample_mask(torch.from_numpy(mask), generator.P).sum() == 0:
+                    mask = np.ones(image.shape[:2], np.float32)
+                    warning = f"foreground mask vanishes at {generator.P}x{generator.P}; using the whole image"
+            if warning:
+                tqdm.write(f"{job.source}: {warning}", file=sys.stderr)
+            images.append(image)
+            foregrounds.append(mask)
+            warnings_.append(warning)
+        batch_started = time.time()
+        results = generator.generate(images, foregrounds, [job.seed for job in batch], prompt, word)
+        seconds = (time.time() - batch_started) / len(batch)
+        for job, result, warning in zip(batch, results, warnings_):
+            word_dir = folder_name(word)
+            image_path, mask_file = sample_paths(args.out, category, word_dir, job.source.stem, job.seed)
+            data.save_image(result.image, image_path)
+            data.save_mask(result.mask, mask_file)
+            record = {
+                "image": image_path.relative_to(args.out / category).as_posix(),
+                "mask": mask_file.relative_to(args.out / category).as_posix(),
+                "source": str(job.source), "category": category, "prompt": prompt, "word": word,
+                "seed": job.seed, "label": 1, "model": args.model, "device": device, "dtype": str(dtype)[6:],
+                "size": args.size, "steps": settings.steps, "gamma": settings.gamma,
+                "guidance": settings.guidance, "lambda": settings.lam, "delta": settings.delta,
+                "thresholds": {str(k): v for k, v in settings.thresholds.items()},
+                "max_iters": settings.max_iters, "early_stop_after": settings.early_stop_after,
+                "early_stop_window": list(early_stop_window(generator.P, settings.early_stop_window)),
+                "foreground": "none" if args.no_mask else str(args.mask) if args.mask else "otsu",
+                "mask_warning": warning, **result.trace, "seconds": round(seconds, 3),
+            }
+            data.append_jsonl(record, args.out / category / "meta.jsonl")   # last: marks the sample complete
+            written += 1
+            progress.update(1)
+    progress.close()
+
+    previews = []
+    if rank == 0:  # one writer; a later run (e.g. the resume after all shards) refreshes a stale one
+        previews = [p for p in (write_preview(args.out, c, args.size) for c in sorted(set(categories.values()))
+                                if preview_is_stale(args.out, c)) if p is not None]
+    return {"written": written, "skipped": len(mine) - written, "jobs": len(jobs), "rank": rank, "world": world,
+            "out": args.out, "previews": previews, "seconds": time.time() - started}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    try:
+        summary = run(args)
+    except (CutError, data.DataError) as error:
+        print(f"cut.py: error: {error}", file=sys.stderr)
+        return 2
+    shard = f" (shard {summary['rank']}/{summary['world']} of {summary['jobs']} jobs)" if summary["world"] > 1 else ""
+    print(f"cut.py: wrote {summary['written']} samples, skipped {summary['skipped']} already complete{shard}, "
+          f"under {summary['out']}/ in {summary['seconds']:.1f} s"
+          + "".join(f"\n  preview: {p}" for p in summary["previews"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
