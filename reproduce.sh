@@ -68,7 +68,7 @@ for k in $SHOTS; do
 
     # 2. Train VLAD on the generated set (plus the auxiliary dataset's test split).
     "$PYTHON" "$HERE/vlad.py" train --data "$run/generated" "${aux_data[@]}" --loss "$LOSS" --seed "$seed" \
-      --out "$run/model" "${train_args[@]}"
+      --out "$run/model" --resume "${train_args[@]}"
 
     # 3. Predict on the benchmark's test split with the same k normal images in the memory bank.
     "$PYTHON" "$HERE/vlad.py" predict --ckpt "$run/model" --data "$DATA" --k-shot "$k" --seed "$seed" \
@@ -82,8 +82,9 @@ for k in $SHOTS; do
 
   # 5. Mean +- std over seeds, in the paper's format.
   mapfile -t results < <(ls "$OUT"/k"${k}"_seed*_loss-"${LOSS}"/metrics.json)
-  "$PYTHON" "$HERE/metrics.py" --summarize "${results[@]}" >"$OUT/summary_k${k}_loss-${LOSS}.txt.tmp"
-  mv "$OUT/summary_k${k}_loss-${LOSS}.txt.tmp" "$OUT/summary_k${k}_loss-${LOSS}.txt"
+  summary="$OUT/summary_k${k}_loss-${LOSS}.txt"
+  "$PYTHON" "$HERE/metrics.py" --summarize "${results[@]}" >"$summary.tmp"
+  if cmp -s "$summary.tmp" "$summary"; then rm "$summary.tmp"; else mv "$summary.tmp" "$summary"; fi
   echo "== k=$k, ${#results[@]} seed(s), loss $LOSS:"
-  cat "$OUT/summary_k${k}_loss-${LOSS}.txt"
+  cat "$summary"
 done

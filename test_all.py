@@ -18,6 +18,7 @@ import gzip
 import io
 import json
 import math
+import re
 import subprocess
 import sys
 import tempfile
@@ -1753,3 +1754,86 @@ def test_bad_stages_and_zero_sizes_are_one_clear_message_without_traceback(vlad_
         error = capsys.readouterr().err
         assert "at least 1" in error and "Traceback" not in error
     assert not (tmp_path / "run").exists() and not (tmp_path / "pred").exists()
+
+
+# =========================================================================================================
+# The paper's protocol end to end: reproduce.sh chains cut.py -> vlad.py train -> predict -> metrics.py
+# through folders only, as subprocesses, on tiny models; one category is real photos (examples/)
+# =========================================================================================================
+
+
+def e2e_cookie_category(root: Path, size=(96, 128)) -> None:
+    """A category of real photos: the two example cookies as normal images, one flipped as a normal test image,
+    and one with a dark crack drawn across it, its mask beside it."""
+    cookies = [data.load_image(HERE / "examples" / f"cookie_{i}.png").resize(size, Image.LANCZOS) for i in (1, 2)]
+    for i, cookie in enumerate(cookies):
+        data.save_image(cookie, root / "cookie/train/good" / f"{i:03d}.png")
+    data.save_image(cookies[1].transpose(Image.FLIP_LEFT_RIGHT), root / "cookie/test/good/000.png")
+    cracked = np.asarray(cookies[0]).copy()
+    crack = np.zeros(cracked.shape[:2])
+    crack[60:64, 25:70] = 1
+    cracked[crack > 0] = 25
+    data.save_image(cracked, root / "cookie/test/crack/000.png")
+    data.save_mask(crack, data.mask_path(root, "cookie", "crack", "000"))
+
+
+def e2e_files(folder: Path) -> dict:
+    return {p: p.stat().st_mtime_ns for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_reproduce_sh_runs_the_whole_chain_and_a_second_run_does_no_work(cut_tiny_sd, vlad_tiny_clip, tmp_path):
+    dataset = vlad_make_synthetic_dataset(tmp_path / "data", categories=("texture",), n_train=2, n_good=2, n_bad=2)
+    e2e_cookie_category(dataset)
+    aux = vlad_make_synthetic_dataset(tmp_path / "aux", categories=("tile",), n_train=0, n_good=1, n_bad=2, seed=3)
+    out = tmp_path / "out"
+    env = dict(os.environ, SHOTS="1", SEEDS="0 1", N_FEW="2", PYTHON=sys.executable, OMP_NUM_THREADS="1",
+               CUT_ARGS=f"--model {cut_tiny_sd} --size {CUT_SIZE} --steps 20 --gamma 0.5 --thresholds 0:0.05,5:0.5 "
+                        f"--max-iters 3 --device cpu",
+               TRAIN_ARGS=f"--model {vlad_tiny_clip} --image-size {VLAD_TINY_SIZE} --epochs 2 --batch-size 4 "
+                          f"--device cpu --quiet",
+               PREDICT_ARGS="--device cpu --quiet")
+    command = ["bash", str(HERE / "reproduce.sh"), str(dataset), str(aux), str(out)]
+    first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+
+    for seed in (0, 1):
+        run = out / f"k1_seed{seed}_loss-both"
+        for category in ("cookie", "texture"):
+            normals = (run / f"normals_{category}.txt").read_text().split()
+            train_good = [s.image for s in data.read_split(dataset, category, "train")]
+            assert normals == [str(p) for p in data.select_k_shot(train_good, 1, seed)]
+            generated = run / "generated" / category                      # a complete few-shot training set
+            assert [p.name for p in data.list_images(generated / "train/good")] == [Path(normals[0]).name]
+            samples = data.read_split(run / "generated", category, "test")
+            assert [(s.defect, s.image.name) for s in samples] == \
+                [("damaged", f"{Path(normals[0]).stem}_{i}.png") for i in range(2)]
+            assert len(data.read_jsonl(generated / "meta.jsonl")) == 2 and (generated / "preview.png").is_file()
+            predictions = run / "predictions" / category
+            tests = data.read_split(dataset, category, "test")
+            assert len(list(predictions.rglob("*.tiff"))) == len(tests)
+            assert (predictions / "scores.csv").read_text().count("\n") == len(tests) + 1
+            assert json.loads((predictions / "k_shot.json").read_text())["images"] == \
+                [Path(n).relative_to(dataset / category).as_posix() for n in normals]   # the same k normals
+        assert {"vlad.safetensors", "config.json", "train_state.safetensors"} <= \
+            {p.name for p in (run / "model").iterdir()}
+        result = json.loads((run / "metrics.json").read_text())
+        for category in ("cookie", "texture"):
+            assert all(math.isfinite(result["categories"][category][m]) for m in metrics.METRICS)
+
+    summary = (out / "summary_k1_loss-both.txt").read_text()
+    rows = {}
+    for line in summary.splitlines():
+        if line.split():
+            rows.setdefault(line.split()[0], line)           # the table's rows come before any note
+    for name in ("cookie", "texture", "mean"):
+        values = [float(v) for v in re.findall(r"(-?\d+(?:\.\d+)?) ± (\d+(?:\.\d+)?)", rows[name])
+                  for v in v]
+        assert len(values) == 10 and all(math.isfinite(v) for v in values), rows[name]
+
+    before = e2e_files(out)
+    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert e2e_files(out) == before                      # nothing generated, trained, predicted or written again
+    assert (out / "summary_k1_loss-both.txt").read_text() == summary
+    assert "wrote 0 samples, skipped 2 already complete" in second.stdout
+    assert "already trained" in second.stdout

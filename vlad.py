@@ -675,7 +675,9 @@ def merge_scores(category_out: Path, expected: list[str]) -> bool:
     writer.writerow(["path", "score"])
     for path in sorted(expected):
         writer.writerow([path, repr(float(scores[path]))])
-    data.save_text(buffer.getvalue(), category_out / "scores.csv")
+    target = category_out / "scores.csv"
+    if not target.is_file() or target.read_text() != buffer.getvalue():  # a re-run that found all done writes nothing
+        data.save_text(buffer.getvalue(), target)
     return True
 
 
