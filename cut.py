@@ -859,7 +859,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cut.py: error: {error}", file=sys.stderr)
         return 2
     shard = f" (shard {summary['rank']}/{summary['world']} of {summary['jobs']} jobs)" if summary["world"] > 1 else ""
-    print(f"cut.py: wrote {summary['written']} samples, skipped {summary['skipped']} already complete{shard}, "
+    plural = "" if summary["written"] == 1 else "s"
+    print(f"cut.py: wrote {summary['written']} sample{plural}, skipped {summary['skipped']} already complete{shard}, "
           f"under {summary['out']}/ in {summary['seconds']:.1f} s"
           + "".join(f"\n  preview: {p}" for p in summary["previews"]))
     return 0
