@@ -1,0 +1,364 @@
+"""Benchmarks, measured as ratios against a reference run in the same process or run, never as timed tests.
+
+    python bench.py metrics        exact P-AUC/P-F1/PRO on an MVTec AD-sized case vs sklearn and one np.sort
+    python bench.py cut [--full]   one CUT sample vs plain img2img and Attend-and-Excite (tiny SD on CPU;
+                                   --full: SD 1.5's topology with random weights, 512x512 fp16, CUDA)
+    python bench.py vlad           one epoch with and without the token cache; prediction images/s (k = 4)
+
+metrics: 1,725 maps of 256x256 float32 (MVTec AD's test set: 1,258 anomalous images), blob-shaped masks,
+seed 0; peak memory by tracemalloc (the most numpy allocated during the call, above what was there before).
+cut: each method runs in its own process (so peak memory is its own), one warm-up, then the timed run:
+  plain img2img         diffusers' StableDiffusionImg2ImgPipeline, strength gamma: the floor
+  CUT, no optimization  cut.CUT with optimize=False: recording only, the cost of the attention capture
+  CUT                   cut.CUT.generate at the paper's defaults (T = 200, gamma = 0.25: 50 denoising steps)
+  Attend-and-Excite     diffusers' StableDiffusionAttendAndExcitePipeline, as many denoising steps as CUT
+vlad: ViT-B-16 with random weights at 224 px on CPU (and ViT-L-14-quickgelu at 518 px fp16 where CUDA is).
+"""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import argparse
+import logging
+import multiprocessing
+import resource
+import sys
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import data
+import metrics
+import vlad
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # spawned benchmark processes import cut from here
+
+
+# =========================================================================================================
+# metrics
+# =========================================================================================================
+
+BENCH_METRICS_IMAGES = 1725
+BENCH_METRICS_ANOMALOUS = 1258
+BENCH_METRICS_SIZE = 256
+
+
+def bench_metrics_case(seed: int = 0):
+    """maps (N, S, S) float32, masks (N, S, S) bool with 1-3 irregular blobs on anomalous images, image scores
+    (N,) and labels (N,)."""
+    rng = np.random.default_rng(seed)
+    n, size = BENCH_METRICS_IMAGES, BENCH_METRICS_SIZE
+    masks = np.zeros((n, size, size), dtype=bool)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    for i in range(BENCH_METRICS_ANOMALOUS):
+        for _ in range(rng.integers(1, 4)):
+            cy, cx = rng.uniform(20, size - 20, 2)
+            radius = rng.uniform(3, 30)
+            lobes, phase, depth = rng.integers(2, 6), rng.uniform(0, 2 * np.pi), rng.uniform(0, 0.4)
+            angle = np.arctan2(yy - cy, xx - cx)
+            boundary = radius * (1 + depth * np.sin(lobes * angle + phase))  # a wobbly blob
+            masks[i] |= np.hypot(yy - cy, xx - cx) <= boundary
+    maps = rng.random((n, size, size), dtype=np.float32)
+    maps += 0.6 * masks  # anomalous pixels score higher, with overlap
+    labels = (masks.reshape(n, -1).any(axis=1)).astype(int)
+    scores = maps.reshape(n, -1).max(axis=1).astype(np.float64) + 0.3 * rng.standard_normal(n)
+    return maps, masks, scores, labels
+
+
+def bench_metrics_measure(function, *args):
+    """(result, seconds, peak bytes allocated above the start) of one call."""
+    tracemalloc.start()
+    tracemalloc.reset_peak()
+    before = tracemalloc.get_traced_memory()[0]
+    start = time.perf_counter()
+    result = function(*args)
+    seconds = time.perf_counter() - start
+    peak = tracemalloc.get_traced_memory()[1] - before
+    tracemalloc.stop()
+    return result, seconds, peak
+
+
+def bench_metrics() -> dict:
+    from sklearn.metrics import roc_auc_score
+
+    maps, masks, scores, labels = bench_metrics_case()
+    maps_bytes = maps.nbytes
+    print(f"case: {maps.shape[0]} maps of {maps.shape[1]}x{maps.shape[2]} float32 ({maps_bytes / 2**20:.0f} MiB), "
+          f"{int(masks.sum()):,} anomalous of {masks.size:,} pixels, "
+          f"{metrics.label_regions(masks[:BENCH_METRICS_ANOMALOUS])[1]} regions")
+
+    _, t_sort, m_sort = bench_metrics_measure(np.sort, maps.ravel())
+    pixel, t_pixel, m_pixel = bench_metrics_measure(metrics.pixel_metrics, maps, masks)
+    image, t_image, _ = bench_metrics_measure(metrics.image_metrics, scores, labels)
+    p_auc, t_auc, m_auc = bench_metrics_measure(metrics.auroc, maps, masks)
+    _, t_label, m_label = bench_metrics_measure(metrics.label_regions, masks)
+    start = time.perf_counter()
+    sklearn_auc = roc_auc_score(masks.ravel(), maps.ravel())
+    t_sklearn = time.perf_counter() - start
+
+    mib = 2**20
+    print(f"five metrics:            {t_pixel + t_image:7.2f} s   "
+          + "  ".join(f"{k} {100 * v:.2f}" for k, v in {**image, **pixel}.items()))
+    print(f"  P-AUC + P-F1 + PRO:    {t_pixel:7.2f} s   peak {m_pixel / mib:6.0f} MiB "
+          f"= {m_pixel / maps_bytes:.2f}x the maps (target < 4x)")
+    print(f"  I-AUC + I-F1:          {t_image:7.4f} s")
+    print(f"  (region labelling:     {t_label:7.2f} s   peak {m_label / mib:6.0f} MiB, output labels included)")
+    print(f"P-AUC alone:             {t_auc:7.2f} s   peak {m_auc / mib:6.0f} MiB   = {t_auc / t_sort:.2f}x the sort "
+          f"(target < 3x)")
+    print(f"np.sort of all pixels:   {t_sort:7.2f} s   peak {m_sort / mib:6.0f} MiB   (floor for an exact AUROC)")
+    print(f"sklearn roc_auc_score:   {t_sklearn:7.2f} s   P-AUC {100 * sklearn_auc:.4f} "
+          f"(ours {100 * p_auc:.4f}, |diff| {abs(sklearn_auc - p_auc):.1e})")
+    print(f"P-AUC + P-F1 + PRO / sklearn: {t_pixel / t_sklearn:.3f} (target < 0.2)")
+    return {"pixel_s": t_pixel, "image_s": t_image, "p_auc_s": t_auc, "sort_s": t_sort, "sklearn_s": t_sklearn,
+            "pixel_peak_bytes": m_pixel, "maps_bytes": maps_bytes}
+
+
+# =========================================================================================================
+# cut
+# =========================================================================================================
+
+CUT_BENCH_PROMPT = "a photo of a bottle that is damaged"
+
+
+def cut_build_full_sd(folder) -> Path:
+    """SD 1.5's topology from its published configs (UNet 860M, VAE factor 8, CLIP ViT-L/14 text), random
+    weights, saved as a diffusers folder. Only for timing and memory: the images are noise."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from test_all import cut_write_clip_tokenizer
+
+    folder = Path(folder)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+                                block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768,
+                                attention_head_dim=8,
+                                down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
+                        block_out_channels=(128, 256, 512, 512),
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+    text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+                                                num_hidden_layers=12, vocab_size=49408, max_position_embeddings=77,
+                                                hidden_act="quick_gelu", projection_dim=768, bos_token_id=49406,
+                                                eos_token_id=49407, pad_token_id=49407))
+    with tempfile.TemporaryDirectory() as source:
+        cut_write_clip_tokenizer(Path(source))
+        tokenizer = CLIPTokenizer(str(Path(source) / "vocab.json"), str(Path(source) / "merges.txt"),
+                                  model_max_length=77)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                            scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(folder)
+    return folder
+
+
+def _cut_bench_child(method: str, folder: str, size: int, device: str, queue) -> None:
+    """Load the pipeline, run `method` once to warm up and once timed; report seconds and peak memory."""
+    torch.set_num_threads(1 if device == "cpu" else torch.get_num_threads())
+    import cut
+    from diffusers import StableDiffusionAttendAndExcitePipeline, StableDiffusionImg2ImgPipeline
+    from diffusers.utils import logging
+
+    logging.set_verbosity_error()
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    pipe = cut.load_pipeline(folder, device, dtype)
+    settings = cut.CutSettings(size=size)
+    K = round(settings.gamma * settings.steps)
+    rng = np.random.default_rng(0)
+    image = np.full((size, size, 3), 25, np.uint8)
+    image[size // 4:3 * size // 4, size // 4:3 * size // 4] = 180 + rng.integers(0, 60, (size // 2, size // 2, 3))
+    foreground = cut.foreground_mask(image)[0]
+
+    if method == "img2img":
+        from PIL import Image
+
+        img2img = StableDiffusionImg2ImgPipeline(**pipe.components)
+        img2img.set_progress_bar_config(disable=True)
+
+        def run():
+            img2img(CUT_BENCH_PROMPT, image=Image.fromarray(image), strength=settings.gamma,
+                    num_inference_steps=settings.steps, guidance_scale=settings.guidance,
+                    generator=torch.Generator().manual_seed(0))
+    elif method in ("cut", "cut_no_optimization"):
+        if method == "cut_no_optimization":
+            settings.optimize = False
+        generator = cut.CUT(pipe, settings)
+        optimize = generator.optimize
+
+        def timed_optimize(*args, **kwargs):                 # seconds spent in Eq. 4/5 and refinement
+            started = time.perf_counter()
+            try:
+                return optimize(*args, **kwargs)
+            finally:
+                run.optimize_seconds += time.perf_counter() - started
+
+        generator.optimize = timed_optimize
+
+        def run():
+            run.optimize_seconds = 0.0
+            trace = generator.generate([image], [foreground], [0], CUT_BENCH_PROMPT, "damaged")[0].trace
+            run.trace = dict(trace, optimize_seconds=run.optimize_seconds)
+    else:
+        excite = StableDiffusionAttendAndExcitePipeline(
+            **{k: v for k, v in pipe.components.items() if k != "image_encoder"})
+        excite.set_progress_bar_config(disable=True)
+        P = cut.CUT(pipe, settings).P
+        index = cut.word_token_indices(pipe.tokenizer, CUT_BENCH_PROMPT, "damaged")[1][0]
+
+        def run():
+            excite(CUT_BENCH_PROMPT, token_indices=[index], height=size, width=size, num_inference_steps=K,
+                   guidance_scale=settings.guidance, attn_res=(P, P), generator=torch.Generator().manual_seed(0))
+
+    run()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    started = time.perf_counter()
+    run()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    if device.startswith("cuda"):
+        peak = torch.cuda.max_memory_allocated() / 2 ** 20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # MiB, whole process
+    trace = getattr(run, "trace", None)
+    queue.put((seconds, peak, rss_before, trace))
+
+
+def bench_cut(full: bool = False) -> dict:
+    """Print and return seconds per sample, ratios to plain img2img, and peak memory for the three methods."""
+    device = "cuda" if full else "cpu"
+    size = 512 if full else 64
+    context = multiprocessing.get_context("spawn")
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        if full:
+            folder = cut_build_full_sd(Path(tmp) / "sd15_random")
+        else:
+            from test_all import build_tiny_sd
+
+            folder = build_tiny_sd(Path(tmp) / "tiny_sd", vae_factor=2)
+        for method in ("img2img", "cut_no_optimization", "cut", "attend_and_excite"):
+            queue = context.Queue()
+            child = context.Process(target=_cut_bench_child, args=(method, str(folder), size, device, queue))
+            child.start()
+            child.join()
+            if child.exitcode != 0 or queue.empty():
+                raise RuntimeError(f"the {method} benchmark process failed (exit code {child.exitcode})")
+            results[method] = queue.get()
+    floor = results["img2img"][0]
+    where = "SD 1.5 topology, random weights, 512x512 fp16, CUDA" if full else \
+        "tiny SD, 64x64 (16x16 attention), fp32, CPU, 1 thread"
+    print(f"cut benchmark: one sample, T=200, gamma=0.25 (50 denoising steps), {where}")
+    unit = "GPU MiB peak allocated" if full else "MiB peak RSS of the process"
+    for method, (seconds, peak, _, _) in results.items():
+        print(f"  {method:18s} {seconds:8.2f} s   {seconds / floor:5.2f}x img2img   {peak:9.0f} {unit}")
+    trace = results["cut"][3]
+    optimized = sum(1 for count in trace["iterations"] if count > 0)
+    print(f"  CUT trace: {optimized} optimized steps, {sum(trace['iterations'])} updates, early stop at step "
+          f"{trace['early_stop_step']}, final masked max {trace['final_masked_max']:.3f}, "
+          f"{trace['optimize_seconds']:.2f} s of {results['cut'][0]:.2f} s in the optimization")
+    return {method: {"seconds": r[0], "ratio": r[0] / floor, "peak_mib": r[1]} for method, r in results.items()}
+
+
+# =========================================================================================================
+# vlad
+# =========================================================================================================
+
+
+def vlad_bench_dataset(root: Path, n_images: int, size: int, seed: int = 0) -> Path:
+    """An MVTec-layout category 'texture': n_images gray textures, half with a bright disc and its mask, plus
+    8 train/good normals."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    for i in range(8):
+        data.save_image(rng.integers(90, 170, (size, size, 3), dtype=np.uint8),
+                        root / "texture/train/good" / f"{i:03d}.png")
+    for i in range(n_images):
+        image = rng.integers(90, 170, (size, size, 3), dtype=np.uint8)
+        if i % 2 == 0:
+            data.save_image(image, root / "texture/test/good" / f"{i:03d}.png")
+            continue
+        disc = (yy - rng.uniform(40, size - 40)) ** 2 + (xx - rng.uniform(40, size - 40)) ** 2 < 30 ** 2
+        image[disc] = 240
+        data.save_image(image, root / "texture/test/bright" / f"{i:03d}.png")
+        data.save_mask(disc.astype(np.float64), data.mask_path(root, "texture", "bright", f"{i:03d}"))
+    return root
+
+
+def vlad_bench_one(model: str, image_size: int, device: str, precision: str, n_images: int = 64,
+                   n_predict: int = 16) -> None:
+    backbone = vlad.Backbone(model, None, image_size, device=device, precision=precision)  # random weights
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        train_root = vlad_bench_dataset(folder / "train", n_images, image_size)
+        samples = vlad.training_samples([], [train_root])  # the test split: 64 images
+        started = time.perf_counter()
+        backbone.text_features("texture")  # 12 states x 35 templates through the text tower, once per category
+        text_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        vlad.TokenCache(backbone, samples, "disk", folder / "run_disk/token_cache").fill(progress=False)
+        fill_seconds = time.perf_counter() - started
+        epoch = {}
+        for cache in ("disk", "none"):
+            vlad.train(backbone, samples, folder / f"run_{cache}", epochs=1, cache=cache, progress=False)
+            epoch[cache] = data.read_jsonl(folder / f"run_{cache}/log.jsonl")[0]["seconds"]
+        print(f"{model} @ {image_size} px, {device} {precision}, {len(samples)} images, batch {vlad.BATCH_SIZE}:")
+        print(f"  text features of one category:   {text_seconds:8.2f} s  (once, then cached)")
+        print(f"  filling the token cache:         {fill_seconds:8.2f} s  (once per run)")
+        print(f"  one epoch with cached tokens:    {epoch['disk']:8.2f} s")
+        print(f"  one epoch without the cache:     {epoch['none']:8.2f} s  "
+              f"({epoch['none'] / epoch['disk']:.0f}x slower)")
+
+        detector = vlad.VLAD(backbone.width, backbone.embed_dim, len(backbone.stages)).to(backbone.device)
+        predict_root = vlad_bench_dataset(folder / "predict", n_predict, image_size, seed=1)
+        for k in (0, 4):
+            started = time.perf_counter()
+            vlad.predict_category(backbone, detector, predict_root, "texture", k, 0, folder / f"pred_{k}",
+                                  progress=False)
+            seconds = time.perf_counter() - started
+            print(f"  prediction, k = {k}:               {n_predict / seconds:8.2f} images/s  "
+                  f"({n_predict} images incl. TIFF + overlay writes{' and the 4-image bank' if k else ''})")
+
+
+def bench_vlad() -> None:
+    torch.set_num_threads(1)
+    logging.disable(logging.WARNING)  # open_clip warns that the weights are random, which is the point here
+    vlad_bench_one("ViT-B-16", 224, "cpu", "fp32")
+    if torch.cuda.is_available():
+        vlad_bench_one("ViT-L-14-quickgelu", 518, "cuda", "fp16", n_images=64, n_predict=64)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("metrics", help="metrics.py on an MVTec AD-sized case")
+    cut_parser = commands.add_parser("cut", help="one CUT sample vs img2img and Attend-and-Excite")
+    cut_parser.add_argument("--full", action="store_true", help="SD 1.5 topology at 512x512 fp16 on CUDA")
+    commands.add_parser("vlad", help="VLAD epoch with/without token cache, prediction speed")
+    args = parser.parse_args(argv)
+    if args.command == "metrics":
+        bench_metrics()
+    elif args.command == "cut":
+        if args.full and not torch.cuda.is_available():
+            print("bench.py: error: --full needs a CUDA GPU", file=sys.stderr)
+            return 2
+        bench_cut(full=args.full)
+    else:
+        bench_vlad()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
