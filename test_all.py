@@ -312,8 +312,6 @@ def test_k_shot_cli_prints_the_same_images_as_select_k_shot(tmp_path):
 # the CLI through subprocess.
 # =========================================================================================================
 
-METRICS_HERE = Path(__file__).resolve().parent
-
 
 def metrics_reference_max_f1(scores, labels):
     precision, recall, _ = precision_recall_curve(labels, scores)
@@ -560,11 +558,6 @@ def test_evaluate_category_returns_the_five_numbers_of_the_references():
 # --- CLI ----------------------------------------------------------------------------------------------------
 
 
-def metrics_cli(*args):
-    return subprocess.run([sys.executable, str(METRICS_HERE / "metrics.py"), *map(str, args)],
-                          capture_output=True, text=True, timeout=120, cwd=METRICS_HERE)
-
-
 def metrics_write_trees(root: Path, categories=("widget", "gadget"), size=16, mask_size=16, seed=0):
     """A tiny MVTec-layout GT tree and a matching prediction tree. Returns (gt, pred, expected numbers)."""
     rng = np.random.default_rng(seed)
@@ -601,7 +594,7 @@ def metrics_write_trees(root: Path, categories=("widget", "gadget"), size=16, ma
 
 def test_cli_prints_the_table_and_writes_json_equal_to_the_functions(tmp_path):
     gt, pred, expected = metrics_write_trees(tmp_path)
-    result = metrics_cli("--pred", pred, "--gt", gt, "--json", tmp_path / "run.json")
+    result = run_cli("metrics.py", "--pred", pred, "--gt", gt, "--json", tmp_path / "run.json")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].split() == ["category", *metrics.METRICS]
@@ -620,7 +613,7 @@ def test_cli_prints_the_table_and_writes_json_equal_to_the_functions(tmp_path):
 
 def test_cli_resizes_masks_to_the_map_size_and_says_so(tmp_path):
     gt, pred, expected = metrics_write_trees(tmp_path, categories=("widget",), size=8, mask_size=16)
-    result = metrics_cli("--pred", pred, "--gt", gt, "--json", tmp_path / "run.json")
+    result = run_cli("metrics.py", "--pred", pred, "--gt", gt, "--json", tmp_path / "run.json")
     assert result.returncode == 0, result.stderr
     assert "widget: 5 ground-truth masks resized to the map size 8x8 (nearest neighbour)" in result.stdout
     written = json.loads((tmp_path / "run.json").read_text())
@@ -642,7 +635,7 @@ def test_cli_one_class_category_prints_na_and_stores_null(tmp_path):
                                   line.startswith("path")) + "\n")
     for tree, other in ((gt2, gt), (pred2, pred)):
         (tree / "gadget").rename(other / "gadget")
-    result = metrics_cli("--pred", pred, "--gt", gt, "--json", tmp_path / "run.json")
+    result = run_cli("metrics.py", "--pred", pred, "--gt", gt, "--json", tmp_path / "run.json")
     assert result.returncode == 0, result.stderr
     gadget = next(line for line in result.stdout.splitlines() if line.startswith("gadget")).split()
     assert gadget[1:] == ["n/a"] * 5
@@ -660,7 +653,7 @@ def test_cli_summarize_prints_mean_and_std_over_runs(tmp_path):
                "mean": {m: value for m in metrics.METRICS}}
         runs.append(tmp_path / f"run{seed}.json")
         data.save_json(run, runs[-1])
-    result = metrics_cli("--summarize", *runs, "--json", tmp_path / "summary.json")
+    result = run_cli("metrics.py", "--summarize", *runs, "--json", tmp_path / "summary.json")
     assert result.returncode == 0, result.stderr
     widget = next(line for line in result.stdout.splitlines() if line.startswith("widget"))
     assert widget.split()[1:4] == ["85.0", "±", "7.1"]  # sample std of {80, 90} = 7.07
@@ -681,13 +674,13 @@ def metrics_assert_bad_input(result, *fragments):
 def test_cli_rejects_a_prediction_without_ground_truth(tmp_path):
     gt, pred, _ = metrics_write_trees(tmp_path, categories=("widget",))
     data.save_tiff(np.zeros((16, 16)), pred / "widget" / "test" / "crack" / "099.tiff")
-    metrics_assert_bad_input(metrics_cli("--pred", pred, "--gt", gt), "099.tiff", "without a ground-truth image")
+    metrics_assert_bad_input(run_cli("metrics.py", "--pred", pred, "--gt", gt), "099.tiff", "without a ground-truth image")
 
 
 def test_cli_rejects_a_ground_truth_image_without_prediction(tmp_path):
     gt, pred, _ = metrics_write_trees(tmp_path, categories=("widget",))
     (pred / "widget" / "test" / "hole" / "001.tiff").unlink()
-    metrics_assert_bad_input(metrics_cli("--pred", pred, "--gt", gt), "hole/001.png", "no prediction")
+    metrics_assert_bad_input(run_cli("metrics.py", "--pred", pred, "--gt", gt), "hole/001.png", "no prediction")
 
 
 def test_cli_rejects_scores_csv_that_misses_or_adds_an_image(tmp_path):
@@ -695,9 +688,9 @@ def test_cli_rejects_scores_csv_that_misses_or_adds_an_image(tmp_path):
     csv_path = pred / "widget" / "scores.csv"
     lines = csv_path.read_text().splitlines()
     csv_path.write_text("\n".join(lines[:-1]) + "\n")
-    metrics_assert_bad_input(metrics_cli("--pred", pred, "--gt", gt), "scores.csv", "no score for test/hole/001.tiff")
+    metrics_assert_bad_input(run_cli("metrics.py", "--pred", pred, "--gt", gt), "scores.csv", "no score for test/hole/001.tiff")
     csv_path.write_text("\n".join(lines + ["test/hole/007.tiff,0.5"]) + "\n")
-    metrics_assert_bad_input(metrics_cli("--pred", pred, "--gt", gt), "test/hole/007.tiff has no ground-truth")
+    metrics_assert_bad_input(run_cli("metrics.py", "--pred", pred, "--gt", gt), "test/hole/007.tiff has no ground-truth")
 
 
 def test_cli_rejects_nan_in_a_map_and_in_scores_csv(tmp_path):
@@ -705,25 +698,25 @@ def test_cli_rejects_nan_in_a_map_and_in_scores_csv(tmp_path):
     bad_map = np.zeros((16, 16), dtype=np.float32)
     bad_map[3, 3] = np.nan
     data.save_tiff(bad_map, pred / "widget" / "test" / "crack" / "000.tiff")
-    metrics_assert_bad_input(metrics_cli("--pred", pred, "--gt", gt), "crack/000.tiff", "NaN or inf")
+    metrics_assert_bad_input(run_cli("metrics.py", "--pred", pred, "--gt", gt), "crack/000.tiff", "NaN or inf")
     gt, pred, _ = metrics_write_trees(tmp_path / "second", categories=("widget",))
     csv_path = pred / "widget" / "scores.csv"
     lines = csv_path.read_text().splitlines()
     lines[2] = "test/good/001.tiff,nan"
     csv_path.write_text("\n".join(lines) + "\n")
-    metrics_assert_bad_input(metrics_cli("--pred", pred, "--gt", gt), "scores.csv, line 3", "finite")
+    metrics_assert_bad_input(run_cli("metrics.py", "--pred", pred, "--gt", gt), "scores.csv, line 3", "finite")
 
 
 def test_cli_rejects_maps_of_different_sizes_in_one_category(tmp_path):
     gt, pred, _ = metrics_write_trees(tmp_path, categories=("widget",))
     data.save_tiff(np.zeros((12, 16)), pred / "widget" / "test" / "crack" / "002.tiff")
-    metrics_assert_bad_input(metrics_cli("--pred", pred, "--gt", gt), "crack/002.tiff", "16x12", "one size")
+    metrics_assert_bad_input(run_cli("metrics.py", "--pred", pred, "--gt", gt), "crack/002.tiff", "16x12", "one size")
 
 
 def test_cli_rejects_a_category_missing_from_the_ground_truth(tmp_path):
     gt, pred, _ = metrics_write_trees(tmp_path, categories=("widget",))
     (pred / "widget").rename(pred / "gizmo")
-    metrics_assert_bad_input(metrics_cli("--pred", pred, "--gt", gt), "gizmo", "ground truth")
+    metrics_assert_bad_input(run_cli("metrics.py", "--pred", pred, "--gt", gt), "gizmo", "ground truth")
 
 
 def test_cli_rejects_a_requested_category_without_predictions(tmp_path):
@@ -731,9 +724,9 @@ def test_cli_rejects_a_requested_category_without_predictions(tmp_path):
     for path in sorted((pred / "gadget").rglob("*"), reverse=True):
         path.rmdir() if path.is_dir() else path.unlink()
     (pred / "gadget").rmdir()
-    metrics_assert_bad_input(metrics_cli("--pred", pred, "--gt", gt, "--categories", "widget", "gadget"),
+    metrics_assert_bad_input(run_cli("metrics.py", "--pred", pred, "--gt", gt, "--categories", "widget", "gadget"),
                              "gadget", "no predictions")
-    result = metrics_cli("--pred", pred, "--gt", gt)  # by default only the predicted categories, with a note
+    result = run_cli("metrics.py", "--pred", pred, "--gt", gt)  # by default only the predicted categories, with a note
     assert result.returncode == 0, result.stderr
     assert "without predictions, not evaluated: gadget" in result.stdout
 
@@ -742,13 +735,12 @@ def test_cli_summarize_rejects_runs_of_different_categories_and_bad_json(tmp_pat
     for name, category in (("a.json", "widget"), ("b.json", "gadget")):
         data.save_json({"categories": {category: {m: 0.5 for m in metrics.METRICS}},
                         "mean": {m: 0.5 for m in metrics.METRICS}}, tmp_path / name)
-    metrics_assert_bad_input(metrics_cli("--summarize", tmp_path / "a.json", tmp_path / "b.json"),
+    metrics_assert_bad_input(run_cli("metrics.py", "--summarize", tmp_path / "a.json", tmp_path / "b.json"),
                              "b.json", "differ")
     (tmp_path / "c.json").write_text("{not json")
-    metrics_assert_bad_input(metrics_cli("--summarize", tmp_path / "c.json"), "c.json")
+    metrics_assert_bad_input(run_cli("metrics.py", "--summarize", tmp_path / "c.json"), "c.json")
 
 
-CUT_HERE = Path(__file__).resolve().parent
 CUT_SIZE = 64                       # pixels; with the factor-2 VAE the 16x16 attention grid of SD at 512
 CUT_PROMPT = "a photo of a {cls} that is damaged"
 CUT_FAST = dict(steps=20, gamma=0.5, thresholds={0: 0.05, 5: 0.5}, max_iters=3, early_stop_after=3)
@@ -857,12 +849,6 @@ def cut_generate(generator, seeds=(0,), image_seed: int = 0, word: str = "damage
     images = [cut_object_image(size, image_seed)] * len(seeds)
     return generator.generate(images, [cut_object_mask(size)] * len(seeds), list(seeds),
                               cut.fill_prompt(CUT_PROMPT, "bottle"), word)
-
-
-def cut_cli(*args) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, str(CUT_HERE / "cut.py"), *map(str, args)], cwd=CUT_HERE, env=env,
-                          capture_output=True, text=True, timeout=300)
 
 
 def cut_cli_args(model, out, *extra):
@@ -1204,7 +1190,7 @@ def test_cli_bad_input_is_one_sentence_exit_2_and_writes_nothing(case, cut_tiny_
         args += ["--mask", tmp_path / "empty.png"]
     elif case == "unknown model":
         args[3] = tmp_path / "no_such_model"
-    result = cut_cli(*args)
+    result = run_cli("cut.py", *args)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("cut.py: error: ") and "Traceback" not in result.stderr
@@ -1305,12 +1291,6 @@ def vlad_make_synthetic_dataset(root, categories=("texture",), n_train: int = 4,
 def vlad_train_args(model: str, gen: Path, out: Path, *extra) -> list[str]:
     return ["train", "--data", str(gen), "--out", str(out), "--model", model, "--image-size", str(VLAD_TINY_SIZE),
             "--batch-size", "4", "--quiet", *map(str, extra)]
-
-
-def vlad_run_cli(*args):
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    return subprocess.run([sys.executable, str(HERE / "vlad.py"), *map(str, args)], cwd=HERE, env=env,
-                          capture_output=True, text=True, timeout=300)
 
 
 def vlad_bilinear(grid: np.ndarray, size: int) -> np.ndarray:
@@ -1638,7 +1618,7 @@ def test_same_seed_gives_same_weights_and_other_seed_differs(vlad_tiny_clip, tmp
 
 def test_predict_rejects_checkpoint_of_another_backbone(vlad_trained_run, tmp_path):
     other = build_tiny_clip(tmp_path / "wider", width=48)
-    result = vlad_run_cli("predict", "--ckpt", vlad_trained_run["run"], "--data", vlad_trained_run["held_out"],
+    result = run_cli("vlad.py", "predict", "--ckpt", vlad_trained_run["run"], "--data", vlad_trained_run["held_out"],
                           "--out", tmp_path / "pred", "--model", other)
     assert result.returncode == 2
     assert "width 64" in result.stderr and "width 48" in result.stderr and "Traceback" not in result.stderr
@@ -1650,14 +1630,14 @@ def test_predict_rejects_k_larger_than_normals_and_empty_category(vlad_trained_r
     for bad in ("-1", "few"):
         assert vlad.main(["predict", "--ckpt", str(run), "--data", str(held_out), "--k-shot", bad,
                           "--out", str(tmp_path / "p"), "--quiet"]) == 2
-    result = vlad_run_cli("predict", "--ckpt", run, "--data", held_out, "--k-shot", "9", "--out", tmp_path / "p")
+    result = run_cli("vlad.py", "predict", "--ckpt", run, "--data", held_out, "--k-shot", "9", "--out", tmp_path / "p")
     assert result.returncode == 2 and "--k-shot 9" in result.stderr and "3 there are" in result.stderr
     assert "Traceback" not in result.stderr
     empty = tmp_path / "empty"
     (empty / "hollow/test").mkdir(parents=True)
-    result = vlad_run_cli("predict", "--ckpt", run, "--data", empty, "--out", tmp_path / "q")
+    result = run_cli("vlad.py", "predict", "--ckpt", run, "--data", empty, "--out", tmp_path / "q")
     assert result.returncode == 2 and "hollow" in result.stderr and "no test images" in result.stderr
-    result = vlad_run_cli("train", "--data", empty, "--out", tmp_path / "r", "--model", "local-dir:" + str(tmp_path))
+    result = run_cli("vlad.py", "train", "--data", empty, "--out", tmp_path / "r", "--model", "local-dir:" + str(tmp_path))
     assert result.returncode == 2 and "hollow" in result.stderr and "Traceback" not in result.stderr
 
 
@@ -1665,10 +1645,10 @@ def test_corrupt_image_and_unknown_model_are_one_clear_message(vlad_tiny_clip, t
     gen = vlad_make_synthetic_dataset(tmp_path / "gen", n_train=1, n_good=0, n_bad=2)
     broken = gen / "texture/train/good/000.png"
     broken.write_bytes(broken.read_bytes()[:60])
-    result = vlad_run_cli(*vlad_train_args(vlad_tiny_clip, gen, tmp_path / "run", "--epochs", "1"))
+    result = run_cli("vlad.py", *vlad_train_args(vlad_tiny_clip, gen, tmp_path / "run", "--epochs", "1"))
     assert result.returncode == 2 and "000.png" in result.stderr and "corrupt" in result.stderr
     assert "Traceback" not in result.stderr
-    result = vlad_run_cli("train", "--data", gen, "--out", tmp_path / "run2", "--model", "ViT-Nope-1")
+    result = run_cli("vlad.py", "train", "--data", gen, "--out", tmp_path / "run2", "--model", "ViT-Nope-1")
     assert result.returncode == 2 and "ViT-Nope-1" in result.stderr and "Traceback" not in result.stderr
 
 
