@@ -763,13 +763,25 @@ def run(args: argparse.Namespace) -> dict:
     mine = data.shard_jobs(jobs, rank, world)
     done = {}
     for category in set(categories.values()):
-        done[category] = {record["image"] for record in data.read_jsonl(args.out / category / "meta.jsonl")}
+        done[category] = {record["image"]: record for record in data.read_jsonl(args.out / category / "meta.jsonl")}
+    # What a finished sample must have been made with to count as done (device and dtype may change on resume)
+    same = {"model": args.model, "size": args.size, "steps": settings.steps, "gamma": settings.gamma,
+            "guidance": settings.guidance, "lambda": settings.lam, "delta": settings.delta,
+            "thresholds": {str(k): v for k, v in settings.thresholds.items()}, "max_iters": settings.max_iters,
+            "early_stop_after": settings.early_stop_after,
+            "foreground": "none" if args.no_mask else str(args.mask) if args.mask else "otsu"}
 
     def complete(job: Job) -> bool:
-        word = folder_name(prompts[job.category][1])
-        image_path, mask_file = sample_paths(args.out, job.category, word, job.source.stem, job.seed)
-        key = image_path.relative_to(args.out / job.category).as_posix()
-        return key in done[job.category] and image_path.is_file() and mask_file.is_file()
+        prompt, word = prompts[job.category]
+        image_path, mask_file = sample_paths(args.out, job.category, folder_name(word), job.source.stem, job.seed)
+        record = done[job.category].get(image_path.relative_to(args.out / job.category).as_posix())
+        if record is None or not (image_path.is_file() and mask_file.is_file()):
+            return False
+        changed = [key for key, value in {**same, "prompt": prompt, "word": word}.items() if record.get(key) != value]
+        if changed:  # never mix samples of two settings in one folder, nor silently skip what was asked for
+            raise CutError(f"{image_path} was generated with other settings ({', '.join(changed)}); re-run with "
+                           f"the same flags to resume, or choose another --out")
+        return True
 
     pending = [job for job in mine if not complete(job)]
     if pending:  # a finished run (a re-run of reproduce.sh, say) does not even load the model
@@ -822,13 +834,8 @@ def run(args: argparse.Namespace) -> dict:
                 "image": image_path.relative_to(args.out / category).as_posix(),
                 "mask": mask_file.relative_to(args.out / category).as_posix(),
                 "source": str(job.source), "category": category, "prompt": prompt, "word": word,
-                "seed": job.seed, "label": 1, "model": args.model, "device": device, "dtype": str(dtype)[6:],
-                "size": args.size, "steps": settings.steps, "gamma": settings.gamma,
-                "guidance": settings.guidance, "lambda": settings.lam, "delta": settings.delta,
-                "thresholds": {str(k): v for k, v in settings.thresholds.items()},
-                "max_iters": settings.max_iters, "early_stop_after": settings.early_stop_after,
+                "seed": job.seed, "label": 1, "device": device, "dtype": str(dtype)[6:], **same,
                 "early_stop_window": list(early_stop_window(generator.P, settings.early_stop_window)),
-                "foreground": "none" if args.no_mask else str(args.mask) if args.mask else "otsu",
                 "mask_warning": warning, **result.trace, "seconds": round(seconds, 3),
             }
             data.append_jsonl(record, args.out / category / "meta.jsonl")   # last: marks the sample complete

@@ -1124,7 +1124,7 @@ def test_cli_writes_the_mvtec_layout_meta_and_preview(cut_tiny_sd, cut_normal_fo
 
 
 def test_cli_resumes_an_interrupted_run_to_exactly_the_full_set(cut_tiny_sd, cut_normal_folder, tmp_path,
-                                                                 monkeypatch):
+                                                                 monkeypatch, capsys):
     args = ["--images", str(cut_normal_folder), "--n", "2"]
     reference = tmp_path / "reference"
     assert cut.main(args + list(map(str, cut_cli_args(cut_tiny_sd, reference)))) == 0
@@ -1154,6 +1154,10 @@ def test_cli_resumes_an_interrupted_run_to_exactly_the_full_set(cut_tiny_sd, cut
     assert cut.main(args + list(map(str, cut_cli_args(cut_tiny_sd, out)))) == 0
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
     assert len(data.read_jsonl(out / "bottle" / "meta.jsonl")) == 4
+    # the same folder with other settings is refused, not silently skipped or mixed
+    assert cut.main(args + list(map(str, cut_cli_args(cut_tiny_sd, out, "--guidance", 3)))) == 2
+    assert "generated with other settings (guidance)" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
 
 
 def test_cli_two_shards_together_equal_one_process(cut_tiny_sd, cut_normal_folder, tmp_path, monkeypatch):
