@@ -1643,6 +1643,10 @@ def test_predict_rejects_k_larger_than_normals_and_empty_category(vlad_trained_r
     assert result.returncode == 2 and "hollow" in result.stderr and "no test images" in result.stderr
     result = run_cli("vlad.py", "train", "--data", empty, "--out", tmp_path / "r", "--model", "local-dir:" + str(tmp_path))
     assert result.returncode == 2 and "hollow" in result.stderr and "Traceback" not in result.stderr
+    no_normals = vlad_make_synthetic_dataset(tmp_path / "no_normals", n_train=0, n_good=1, n_bad=1)
+    assert vlad.main(["predict", "--ckpt", str(run), "--data", str(no_normals), "--k-shot", "all",
+                      "--out", str(tmp_path / "s"), "--quiet"]) == 2   # full-shot never silently turns zero-shot
+    assert not (tmp_path / "s").exists()
 
 
 def test_corrupt_image_and_unknown_model_are_one_clear_message(vlad_tiny_clip, tmp_path):

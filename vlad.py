@@ -147,6 +147,8 @@ class Backbone:
             raise DataError(f"{model_name}: VLAD needs an open_clip ViT image tower, not {type(visual).__name__}.")
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = open_clip.get_tokenizer(model_name)
+        if pretrained and Path(pretrained).is_file():  # a weights file: recorded absolute, so predict finds it anywhere
+            pretrained = str(Path(pretrained).resolve())
         self.model_name, self.pretrained, self.image_size = model_name, pretrained, image_size
         self.device, self.precision = torch.device(device), precision
         self.dtype = next(model.parameters()).dtype
@@ -693,6 +695,9 @@ def predict_category(backbone: Backbone, vlad: VLAD, root, category: str, k: int
     if not test:
         raise DataError(f"{root / category}/test: no test images; add them or remove the category folder.")
     normals = [s.image for s in data.read_split(root, category, "train") if s.label == 0]
+    if k is None and not normals:
+        raise DataError(f"{root / category}/train/good: --k-shot all needs normal images and there are none; "
+                        f"add them, or use --k-shot 0 for zero-shot.")
     k = len(normals) if k is None else k
     if k > len(normals):
         raise DataError(f"{root / category}/train/good: --k-shot {k} asks for more normal images than the "
