@@ -389,7 +389,9 @@ def load_pipeline(model: str, device: str, dtype: torch.dtype):
         raise CutError(f"the model {model!r} could not be loaded or downloaded ({type(error).__name__}); "
                        f"pass --model with a local Stable Diffusion 1.x/2.x diffusers folder (one containing "
                        f"model_index.json)") from None
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    # clip_sample: DDIM's default (True) clamps the predicted latent z_0 to [-1, 1], wrong for SD latents; a
+    # model whose scheduler config omits it (PNDM or Euler configs, say) would otherwise get it silently
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -628,7 +630,11 @@ def sample_paths(out: Path, category: str, word: str, stem: str, seed: int) -> t
 def resolve_device(device: str | None, dtype: str) -> tuple[str, torch.dtype]:
     """cuda (torchrun: cuda:LOCAL_RANK, one GPU per rank) if available, else cpu; fp16 on CUDA, fp32 on CPU."""
     if device is None:
-        device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CutError(f"--device {device}: this machine has no CUDA GPU that torch can use; use --device cpu")
+    if device == "cuda":                                 # under torchrun, one GPU per rank
+        device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
     if dtype == "auto":
         dtype = "fp16" if device.startswith("cuda") else "fp32"
     if dtype == "fp16" and device == "cpu":
@@ -731,7 +737,7 @@ def run(args: argparse.Namespace) -> dict:
         if not sources:
             raise CutError(f"--images {args.images}: the folder holds no image files")
     else:
-        sources = list(args.image)
+        sources = list(dict.fromkeys(args.image))      # an image given twice is one image
     categories = {}
     for path in sources:
         data.load_image(path)
@@ -778,6 +784,11 @@ def run(args: argparse.Namespace) -> dict:
         if record is None or not (image_path.is_file() and mask_file.is_file()):
             return False
         changed = [key for key, value in {**same, "prompt": prompt, "word": word}.items() if record.get(key) != value]
+        P = record.get("attn_res")                      # the grid it used, and its window scaled to that grid
+        if settings.attn_res not in (None, P):
+            changed.append("attn_res")
+        if P is not None and record.get("early_stop_window") != list(early_stop_window(P, settings.early_stop_window)):
+            changed.append("early_stop_window")
         if changed:  # never mix samples of two settings in one folder, nor silently skip what was asked for
             raise CutError(f"{image_path} was generated with other settings ({', '.join(changed)}); re-run with "
                            f"the same flags to resume, or choose another --out")
@@ -791,6 +802,7 @@ def run(args: argparse.Namespace) -> dict:
                            f"use a larger region")
         for prompt, word in prompts.values():
             generator.prompt_tokens(prompt, word)       # CutError if absent or too long, before any write
+        generator.timesteps()                           # CutError if --gamma leaves no step, before any write
     for job in mine:                                    # the rank holding an image's first seed copies it
         normal_copy = args.out / job.category / "train" / "good" / f"{job.source.stem}.png"
         if job.first and not normal_copy.is_file():
@@ -799,6 +811,7 @@ def run(args: argparse.Namespace) -> dict:
     from tqdm import tqdm
 
     written = 0
+    pending.sort(key=lambda job: job.category)          # stable: a batch takes one category's contiguous jobs
     progress = tqdm(total=len(pending), desc=f"cut {rank}/{world}" if world > 1 else "cut", unit="sample")
     while pending:
         category = pending[0].category

@@ -19,6 +19,7 @@ import io
 import json
 import math
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -1219,6 +1220,89 @@ def test_cli_records_the_foreground_fallback_warning_and_honours_no_mask(cut_tin
     assert record["foreground"] == "none" and record["mask_warning"] is None
     mask = data.load_mask(out / "bottle" / record["mask"], binarize=False)
     assert mask[cut_object_mask() == 0].max() > 0                 # no foreground restriction
+
+
+def test_ddim_never_clips_the_latent_and_keeps_v_prediction_of_a_config_without_clip_sample(cut_tiny_sd, tmp_path):
+    model = tmp_path / "sd_euler_v"
+    shutil.copytree(cut_tiny_sd, model)
+    index = json.loads((model / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", "EulerDiscreteScheduler"]
+    (model / "model_index.json").write_text(json.dumps(index))
+    (model / "scheduler" / "scheduler_config.json").write_text(json.dumps({   # as SD 2.x ships, no clip_sample
+        "_class_name": "EulerDiscreteScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+        "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "prediction_type": "v_prediction",
+        "set_alpha_to_one": False, "steps_offset": 1}))
+    scheduler = cut.load_pipeline(str(model), "cpu", torch.float32).scheduler
+    assert type(scheduler).__name__ == "DDIMScheduler"
+    assert scheduler.config.prediction_type == "v_prediction" and scheduler.config.clip_sample is False
+    scheduler.set_timesteps(10)
+    t = scheduler.timesteps[-1]                                           # alpha_bar near 1
+    z_0 = scheduler.step(torch.zeros(1, 4, 2, 2), t, torch.full((1, 4, 2, 2), 5.0)).pred_original_sample
+    expected = scheduler.alphas_cumprod[t] ** 0.5 * 5.0                   # v = 0: z_0 = sqrt(alpha_bar) z_t
+    assert torch.allclose(z_0, torch.full_like(z_0, float(expected))) and z_0.max() > 1   # not clamped to 1
+
+
+def test_batch_over_interleaved_categories_generates_every_job_exactly_once(cut_tiny_sd, tmp_path):
+    root = tmp_path / "mvtec"
+    sources = [root / "bottle/train/good/000.png", root / "cable/train/good/000.png",
+               root / "bottle/train/good/001.png"]                       # categories interleaved
+    for i, path in enumerate(sources):
+        data.save_image(cut_object_image(CUT_SIZE, seed=i), path)
+    out = tmp_path / "out"
+    images = [arg for path in sources for arg in ("--image", str(path))]
+    assert cut.main(images + ["--batch", "3", *map(str, cut_cli_args(cut_tiny_sd, out))]) == 0
+    bottle, cable = data.read_jsonl(out / "bottle/meta.jsonl"), data.read_jsonl(out / "cable/meta.jsonl")
+    assert sorted(r["image"] for r in bottle) == ["test/damaged/000_0.png", "test/damaged/001_0.png"]
+    assert [r["image"] for r in cable] == ["test/damaged/000_0.png"]
+    assert cable[0]["prompt"] == "a photo of a cable that is damaged" and cable[0]["source"] == str(sources[1])
+    assert (out / "cable/test/damaged/000_0.png").is_file()
+    assert (out / "cable/ground_truth/damaged/000_0_mask.png").is_file()
+
+
+def test_gamma_leaving_no_denoising_step_is_one_sentence_and_writes_nothing(cut_tiny_sd, tmp_path, capsys):
+    image = tmp_path / "bottle.png"
+    data.save_image(cut_object_image(), image)
+    out = tmp_path / "out"
+    args = ["--image", str(image), *map(str, cut_cli_args(cut_tiny_sd, out)), "--gamma", "0.01"]   # round(0.2) = 0
+    assert cut.main(args) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cut.py: error: --gamma 0.01") and ". " not in lines[0]
+    assert not out.exists()
+
+
+def test_an_image_given_twice_is_generated_once(cut_tiny_sd, tmp_path):
+    image = tmp_path / "bottle.png"
+    data.save_image(cut_object_image(), image)
+    out = tmp_path / "out"
+    assert cut.main(["--image", str(image), "--image", str(image), *map(str, cut_cli_args(cut_tiny_sd, out))]) == 0
+    meta = data.read_jsonl(out / "bottle/meta.jsonl")
+    assert [r["image"] for r in meta] == ["test/damaged/bottle_0.png"]
+    assert np.asarray(data.load_image(out / "bottle/test/damaged/bottle_0.png")).shape == (CUT_SIZE, CUT_SIZE, 3)
+
+
+def test_resume_refuses_another_attention_resolution_or_early_stop_window(cut_tiny_sd, tmp_path, capsys):
+    image = tmp_path / "bottle.png"
+    data.save_image(cut_object_image(), image)
+    out = tmp_path / "out"
+    args = ["--image", str(image), *map(str, cut_cli_args(cut_tiny_sd, out))]
+    assert cut.main(args) == 0                                       # auto: P = 16
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    assert cut.main(args + ["--attn-res", "16", "--early-stop-window", "10,50"]) == 0   # the same settings
+    # (the tiny UNet has only the 16 grid: the resume check names the mismatch before the model is even loaded)
+    for extra, name in ((["--attn-res", "8"], "attn_res"), (["--early-stop-window", "5,40"], "early_stop_window")):
+        capsys.readouterr()
+        assert cut.main(args + extra) == 2
+        assert f"generated with other settings ({name})" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_device_cuda_without_a_gpu_is_one_sentence_for_cut_and_vlad(tmp_path):
+    for script, args in (("cut.py", ["--image", HERE / "examples/cookie_1.png", "--prompt", "a cookie that is cracked"]),
+                         ("vlad.py", ["predict", "--ckpt", tmp_path, "--data", tmp_path])):
+        result = run_cli(script, *args, "--device", "cuda", "--out", tmp_path / "out")
+        assert result.returncode == 2 and "no CUDA GPU" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
 
 
 # =========================================================================================================

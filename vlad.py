@@ -756,10 +756,13 @@ def predict_category(backbone: Backbone, vlad: VLAD, root, category: str, k: int
 # ---------------------------------------------------------------------------------------------------------
 
 
-def default_device() -> str:
-    if torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    return "cpu"
+def resolve_device(device: str | None) -> str:
+    """cuda (under torchrun: cuda:LOCAL_RANK, one GPU per rank) if available, else cpu."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DataError(f"--device {device}: this machine has no CUDA GPU that torch can use; use --device cpu.")
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if device == "cuda" else device
 
 
 def resolve_precision(precision: str, device: str) -> str:
@@ -792,7 +795,7 @@ def command_train(args) -> int:
         if not Path(root).is_dir():
             raise DataError(f"{root}: no such dataset folder.")
     samples = training_samples(args.data, args.aux)
-    device = args.device or default_device()
+    device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
     try:
         stages = [int(s) for s in args.stages.split(",")] if args.stages else None
@@ -827,7 +830,7 @@ def command_train(args) -> int:
 def command_predict(args) -> int:
     rank, world = data.resolve_shard(args.shard)
     k = parse_k_shot(args.k_shot)
-    device = args.device or default_device()
+    device = resolve_device(args.device)
     backbone, vlad, config = load_detector(args.ckpt, args.model, args.pretrained, device,
                                            resolve_precision(args.precision, device))
     categories = args.category or data.list_categories(args.data)
