@@ -263,15 +263,33 @@ def select_k_shot(images: list[Path], k: int, seed: int) -> list[Path]:
     return sorted(random.Random(seed).sample(images, k))
 
 
-def select_k_shot_arg(images: list[Path], k: str | int, seed: int) -> list[Path]:
-    """`select_k_shot` for a command-line value: an integer, or 'all' for every image (full-shot)."""
-    if str(k) == "all":
-        return sorted(Path(p) for p in images)
+def parse_k_shot(text: str) -> int | None:
+    """A --k-shot value: 'all' -> None (full-shot), else a whole number >= 0 (0 = zero-shot)."""
+    if text == "all":
+        return None
     try:
-        count = int(k)
+        k = int(text)
     except ValueError:
-        raise DataError(f"k-shot {k!r}: expected a whole number or 'all'.") from None
-    return select_k_shot(images, count, seed)
+        k = -1
+    if k < 0:
+        raise DataError(f"--k-shot {text!r}: expected 0 (zero-shot), a positive number, or 'all'.")
+    return k
+
+
+def k_shot_images(root, category: str, k: int | None, seed: int) -> list[Path]:
+    """The k normal images of ROOT/<category>/train/good for a seed (None: all of them, full-shot).
+
+    The one place both reproduce.sh (through `python data.py k-shot`) and vlad.py predict choose them, so the
+    images CUT is conditioned on are the ones in VLAD's memory bank."""
+    normals = [sample.image for sample in read_split(root, category, "train") if sample.label == 0]
+    where = Path(root) / category / "train/good"
+    if k is None and not normals:
+        raise DataError(f"{where}: --k-shot all needs normal images and there are none; add them, or use "
+                        f"--k-shot 0 for zero-shot.")
+    k = len(normals) if k is None else k
+    if k > len(normals):
+        raise DataError(f"{where}: --k-shot {k} asks for more normal images than the {len(normals)} there are.")
+    return select_k_shot(normals, k, seed)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -440,8 +458,7 @@ def main(argv=None) -> int:
                 print(f"{row['category']:<16}{row['train_good']:>11}{row['test_good']:>10}"
                       f"{row['test_anomalous']:>10}{row['masks']:>7}  {defects}")
         elif args.command == "k-shot":
-            normals = [sample.image for sample in read_split(args.root, args.category, "train")]
-            print("\n".join(map(str, select_k_shot_arg(normals, args.k, args.seed))))
+            print("\n".join(map(str, k_shot_images(args.root, args.category, parse_k_shot(args.k), args.seed))))
         else:
             counts = visa_to_mvtec(args.source, args.target)
             total = sum(sum(c.values()) for c in counts.values())

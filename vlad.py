@@ -645,19 +645,6 @@ def train(backbone: Backbone, samples: list[data.Sample], run, epochs: int = EPO
 # ---------------------------------------------------------------------------------------------------------
 
 
-def parse_k_shot(text: str) -> int | None:
-    """'all' -> None (full-shot), else a non-negative int."""
-    if text == "all":
-        return None
-    try:
-        k = int(text)
-    except ValueError:
-        k = -1
-    if k < 0:
-        raise DataError(f"--k-shot {text!r}: expected 0 (zero-shot), a positive number, or 'all'.")
-    return k
-
-
 def score_parts(category_out: Path) -> dict[str, float]:
     """Every image score recorded by any shard: {path relative to PRED/<category>: score}."""
     scores = {}
@@ -694,15 +681,8 @@ def predict_category(backbone: Backbone, vlad: VLAD, root, category: str, k: int
     test = data.read_split(root, category, "test")
     if not test:
         raise DataError(f"{root / category}/test: no test images; add them or remove the category folder.")
-    normals = [s.image for s in data.read_split(root, category, "train") if s.label == 0]
-    if k is None and not normals:
-        raise DataError(f"{root / category}/train/good: --k-shot all needs normal images and there are none; "
-                        f"add them, or use --k-shot 0 for zero-shot.")
-    k = len(normals) if k is None else k
-    if k > len(normals):
-        raise DataError(f"{root / category}/train/good: --k-shot {k} asks for more normal images than the "
-                        f"{len(normals)} there are.")
-    chosen = data.select_k_shot(normals, k, seed)
+    chosen = data.k_shot_images(root, category, k, seed)
+    k = len(chosen)
     record = {"k": k, "seed": seed, "images": [p.relative_to(root / category).as_posix() for p in chosen],
               **(provenance or {})}
     k_shot_file = category_out / "k_shot.json"
@@ -715,19 +695,21 @@ def predict_category(backbone: Backbone, vlad: VLAD, root, category: str, k: int
     else:
         data.save_json(record, k_shot_file)
 
-    text = backbone.text_features(category).to(backbone.device)
+    relative = {s.image: f"test/{s.defect}/{s.image.stem}.tiff" for s in test}
+    done = score_parts(category_out)
+    jobs = [s for s in data.shard_jobs(test, rank, world) if relative[s.image] not in done]
+    # Text features and the bank only when images are left: a re-run of a finished prediction costs nothing
+    text = backbone.text_features(category).to(backbone.device) if jobs else None
     memory_bank = None
-    if k > 0:  # Eq. 9's bank: every rank builds the whole bank (k images) itself, adapting batch by batch so that
-        #        the raw tokens of all k images (full-shot ViT-L: ~400 x 4 x 1369 x 1024) are never held at once
+    if k > 0 and jobs:  # Eq. 9's bank: every rank builds the whole bank (k images) itself, adapting batch by
+        #                 batch so the raw tokens of all k images (full-shot ViT-L: ~400 x 4 x 1369 x 1024) are
+        #                 never held at once
         parts = []
         for start in range(0, k, batch_size):
             pixels = torch.stack([backbone.preprocess(data.load_image(p)) for p in chosen[start:start + batch_size]])
             parts.append(build_memory_bank(vlad, backbone.encode_images(pixels)[0]))
         memory_bank = [torch.cat(stage) for stage in zip(*parts)]  # L x (k * N, C)
 
-    relative = {s.image: f"test/{s.defect}/{s.image.stem}.tiff" for s in test}
-    done = score_parts(category_out)
-    jobs = [s for s in data.shard_jobs(test, rank, world) if relative[s.image] not in done]
     part = category_out / "scores_parts" / f"shard-{rank}-of-{world}.jsonl"
     bar = tqdm(total=len(jobs), desc=f"{category} (k={k})", unit="img", disable=not progress)
     for start in range(0, len(jobs), batch_size):
@@ -829,7 +811,7 @@ def command_train(args) -> int:
 
 def command_predict(args) -> int:
     rank, world = data.resolve_shard(args.shard)
-    k = parse_k_shot(args.k_shot)
+    k = data.parse_k_shot(args.k_shot)
     device = resolve_device(args.device)
     backbone, vlad, config = load_detector(args.ckpt, args.model, args.pretrained, device,
                                            resolve_precision(args.precision, device))
