@@ -51,8 +51,10 @@ for k in $SHOTS; do
     run="$OUT/k${k}_seed${seed}_loss-${LOSS}"
     echo "== k=$k seed=$seed -> $run"
 
-    # 1. Generate: the k normal images of each category (recorded in normals_<category>.txt) -> anomalies.
+    # 1. Generate: the k normal images of each category (recorded in normals_<category>.txt) -> anomalies,
+    #    in one cut.py call (one model load) that reads each category from its DATA/<category>/train/good path.
     #    cut.py copies them to generated/<category>/train/good, so generated/ is a complete training set.
+    images=()
     for category in "${categories[@]}"; do
       normals="$run/normals_$category.txt"
       if [ ! -f "$normals" ]; then
@@ -60,11 +62,10 @@ for k in $SHOTS; do
         "$PYTHON" "$HERE/data.py" k-shot "$DATA" "$category" "$k" --seed "$seed" >"$normals.tmp"
         mv "$normals.tmp" "$normals"
       fi
-      images=()
       while read -r image; do images+=(--image "$image"); done <"$normals"
-      "$PYTHON" "$HERE/cut.py" "${images[@]}" --category "$category" --prompt "$PROMPT" --n "$n" \
-        --seed 0 --out "$run/generated" "${cut_args[@]}"
     done
+    "$PYTHON" "$HERE/cut.py" "${images[@]}" --prompt "$PROMPT" --n "$n" --seed 0 --out "$run/generated" \
+      "${cut_args[@]}"
 
     # 2. Train VLAD on the generated set (plus the auxiliary dataset's test split).
     "$PYTHON" "$HERE/vlad.py" train --data "$run/generated" "${aux_data[@]}" --loss "$LOSS" --seed "$seed" \
