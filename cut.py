@@ -368,6 +368,13 @@ class CutSettings:
         if self.delta is None:
             self.delta = 1.0 / self.steps
 
+    def denoising_steps(self) -> int:
+        """Step 1: K = round(gamma * T), the DDIM steps actually run (img2img with strength gamma)."""
+        K = min(round(self.gamma * self.steps), self.steps)
+        if K < 1:
+            raise CutError(f"--gamma {self.gamma} with --steps {self.steps} leaves no step to denoise; raise either")
+        return K
+
 
 @dataclass
 class CutResult:
@@ -435,10 +442,7 @@ class CUT:
         """Step 1: the last round(gamma * T) of T DDIM timesteps (img2img with strength gamma)."""
         scheduler = self.pipe.scheduler
         scheduler.set_timesteps(self.settings.steps, device=self.device)
-        K = min(round(self.settings.gamma * self.settings.steps), self.settings.steps)
-        if K < 1:
-            raise CutError(f"--gamma {self.settings.gamma} with --steps {self.settings.steps} leaves no step "
-                           f"to denoise; raise either")
+        K = self.settings.denoising_steps()
         return scheduler.timesteps[len(scheduler.timesteps) - K:]
 
     @torch.no_grad()
@@ -663,7 +667,7 @@ def write_preview(out: Path, category: str, size: int) -> Path | None:
         if not (image_path.is_file() and mask_file.is_file() and normal_path.is_file()):
             continue
         generated = np.asarray(data.load_image(image_path))
-        rows.append([np.asarray(data.load_image(normal_path).resize((size, size), Image.LANCZOS)), generated,
+        rows.append([prepare_image(normal_path, size), generated,
                      data.overlay(generated, data.load_mask(mask_file, binarize=False))])
         if len(rows) == PREVIEW_SAMPLES:
             break
@@ -699,11 +703,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--guidance", type=float, default=GUIDANCE, help="classifier-free guidance scale (7.5)")
     parser.add_argument("--lambda", dest="lam", metavar="LAMBDA", type=float, default=LAMBDA, help="Eq. 5 lambda (10)")
     parser.add_argument("--delta", type=float, default=None, help="Eq. 5 Delta (default 1 / steps)")
-    parser.add_argument("--thresholds", default="0:0.05,10:0.5,20:0.8", help="refinement step:target pairs (0:0.05,10:0.5,20:0.8)")
+    parser.add_argument("--thresholds", default=",".join(f"{k}:{v}" for k, v in THRESHOLDS.items()), help="refinement step:target pairs (0:0.05,10:0.5,20:0.8)")
     parser.add_argument("--max-iters", type=int, default=MAX_ITERS, help="refinement iterations cap (20)")
     parser.add_argument("--early-stop-after", type=int, default=EARLY_STOP_AFTER,
                         help="early stopping starts at this step index (10)")
-    parser.add_argument("--early-stop-window", default="10,50",
+    parser.add_argument("--early-stop-window", default=",".join(f"{v:g}" for v in EARLY_STOP_WINDOW),
                         help="low,high: stop when low < n_t < high (at P = 16; scaled by (P/16)^2)")
     parser.add_argument("--attn-res", default="auto", help="P, the attention grid side (auto: 16 for SD at 512)")
     fg = parser.add_mutually_exclusive_group()
@@ -760,6 +764,7 @@ def run(args: argparse.Namespace) -> dict:
                            delta=args.delta, thresholds=thresholds, max_iters=args.max_iters,
                            attn_res=int(attn_res) if attn_res else None, size=args.size,
                            early_stop_after=args.early_stop_after, early_stop_window=(low, high))
+    settings.denoising_steps()                          # CutError if --gamma leaves no step, before any load or write
     prompts = {}
     for category in sorted(set(categories.values())):
         prompt = fill_prompt(args.prompt, category)
@@ -802,7 +807,6 @@ def run(args: argparse.Namespace) -> dict:
                            f"use a larger region")
         for prompt, word in prompts.values():
             generator.prompt_tokens(prompt, word)       # CutError if absent or too long, before any write
-        generator.timesteps()                           # CutError if --gamma leaves no step, before any write
     for job in mine:                                    # the rank holding an image's first seed copies it
         normal_copy = args.out / job.category / "train" / "good" / f"{job.source.stem}.png"
         if job.first and not normal_copy.is_file():
@@ -813,6 +817,7 @@ def run(args: argparse.Namespace) -> dict:
     written = 0
     pending.sort(key=lambda job: job.category)          # stable: a batch takes one category's contiguous jobs
     progress = tqdm(total=len(pending), desc=f"cut {rank}/{world}" if world > 1 else "cut", unit="sample")
+    prepared = (None, None, None, None)                 # (source, image, foreground, warning) of the last image
     while pending:
         category = pending[0].category
         batch = [job for job in pending[:args.batch] if job.category == category]
@@ -820,18 +825,21 @@ def run(args: argparse.Namespace) -> dict:
         prompt, word = prompts[category]
         images, foregrounds, warnings_ = [], [], []
         for job in batch:
-            image = prepare_image(job.source, args.size)
-            if args.no_mask:
-                mask, warning = np.ones(image.shape[:2], np.float32), None
-            elif user_mask is not None:
-                mask, warning = user_mask, None
-            else:
-                mask, warning = foreground_mask(image)
-                if warning is None and downsample_mask(torch.from_numpy(mask), generator.P).sum() == 0:
-                    mask = np.ones(image.shape[:2], np.float32)
-                    warning = f"foreground mask vanishes at {generator.P}x{generator.P}; using the whole image"
-            if warning:
-                tqdm.write(f"{job.source}: {warning}", file=sys.stderr)
+            if prepared[0] != job.source:  # an image's seeds are adjacent jobs: decode, resize and mask it once
+                image = prepare_image(job.source, args.size)
+                if args.no_mask:
+                    mask, warning = np.ones(image.shape[:2], np.float32), None
+                elif user_mask is not None:
+                    mask, warning = user_mask, None
+                else:
+                    mask, warning = foreground_mask(image)
+                    if warning is None and downsample_mask(torch.from_numpy(mask), generator.P).sum() == 0:
+                        mask = np.ones(image.shape[:2], np.float32)
+                        warning = f"foreground mask vanishes at {generator.P}x{generator.P}; using the whole image"
+                if warning:
+                    tqdm.write(f"{job.source}: {warning}", file=sys.stderr)
+                prepared = (job.source, image, mask, warning)
+            _, image, mask, warning = prepared
             images.append(image)
             foregrounds.append(mask)
             warnings_.append(warning)
