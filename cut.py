@@ -556,9 +556,6 @@ class CUT:
         K = len(timesteps)
         states = [{"n_start": None, "n_t": [], "alpha_t": [], "iterations": [], "masked_max": [],
                    "early_stop_step": None} for _ in range(B)]
-        if not s.optimize:
-            for state in states:
-                state["early_stop_step"] = -1       # a baseline: never optimize, but keep the recording
 
         # Step 1: noise z_0 to the first of the last K timesteps
         z_0 = self.encode_images(np.stack(images), generators)                            # (B, 4, h, w)
@@ -567,8 +564,9 @@ class CUT:
 
         with recording_attention(self.unet, self.layer_names, P) as recorder:
             for i, t in enumerate(timesteps):
-                z = self.optimize(recorder, z, i, K - i, t, states, cond, token_indices, end_index, mask_attn,
-                                  mask_latent)
+                if s.optimize:                      # False: a baseline with the same recording, no update
+                    z = self.optimize(recorder, z, i, K - i, t, states, cond, token_indices, end_index,
+                                      mask_attn, mask_latent)
                 z, anomaly_map = self.denoise(recorder, z, t, cond, uncond, token_indices, end_index)
                 for b, value in enumerate(masked_max(anomaly_map, mask_attn).tolist()):
                     states[b]["masked_max"].append(value)
@@ -583,7 +581,7 @@ class CUT:
                 "token_ids": ids, "token_indices": token_indices, "attn_res": P,
                 "n_start": state["n_start"], "n_t": state["n_t"], "alpha_t": state["alpha_t"],
                 "iterations": state["iterations"], "masked_max": state["masked_max"],
-                "early_stop_step": state["early_stop_step"] if s.optimize else None,
+                "early_stop_step": state["early_stop_step"],
                 "final_masked_max": state["masked_max"][-1],
             }
             results.append(CutResult(pixels[b], y_pix, trace))
