@@ -87,7 +87,7 @@ def bench_metrics_measure(function, *args):
     return result, seconds, peak
 
 
-def bench_metrics() -> dict:
+def bench_metrics() -> None:
     from sklearn.metrics import roc_auc_score
 
     maps, masks, scores, labels = bench_metrics_case()
@@ -118,8 +118,6 @@ def bench_metrics() -> dict:
     print(f"sklearn roc_auc_score:   {t_sklearn:7.2f} s   P-AUC {100 * sklearn_auc:.4f} "
           f"(ours {100 * p_auc:.4f}, |diff| {abs(sklearn_auc - p_auc):.1e})")
     print(f"P-AUC + P-F1 + PRO / sklearn: {t_pixel / t_sklearn:.3f} (target < 0.2)")
-    return {"pixel_s": t_pixel, "image_s": t_image, "p_auc_s": t_auc, "sort_s": t_sort, "sklearn_s": t_sklearn,
-            "pixel_peak_bytes": m_pixel, "maps_bytes": maps_bytes}
 
 
 # =========================================================================================================
@@ -226,7 +224,6 @@ def _cut_bench_child(method: str, folder: str, size: int, device: str, queue) ->
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     started = time.perf_counter()
     run()
     if device.startswith("cuda"):
@@ -237,11 +234,11 @@ def _cut_bench_child(method: str, folder: str, size: int, device: str, queue) ->
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # MiB, whole process
     trace = getattr(run, "trace", None)
-    queue.put((seconds, peak, rss_before, trace))
+    queue.put((seconds, peak, trace))
 
 
-def bench_cut(full: bool = False) -> dict:
-    """Print and return seconds per sample, ratios to plain img2img, and peak memory for the three methods."""
+def bench_cut(full: bool = False) -> None:
+    """Print seconds per sample, the ratio to plain img2img and peak memory of each method."""
     device = "cuda" if full else "cpu"
     size = 512 if full else 64
     context = multiprocessing.get_context("spawn")
@@ -266,15 +263,14 @@ def bench_cut(full: bool = False) -> dict:
         "tiny SD, 64x64 (16x16 attention), fp32, CPU, 1 thread"
     print(f"cut benchmark: one sample, T=200, gamma=0.25 (50 denoising steps), {where}")
     unit = "GPU MiB peak allocated" if full else "MiB peak RSS of the process"
-    for method, (seconds, peak, _, _) in results.items():
+    for method, (seconds, peak, _) in results.items():
         print(f"  {method:20s} {seconds:8.2f} s   {seconds / floor:5.2f}x img2img   {peak:9.0f} {unit}")
     for method in ("cut", "cut_early_stop_10"):
-        trace = results[method][3]
+        trace = results[method][2]
         optimized = sum(1 for count in trace["iterations"] if count > 0)
         print(f"  {method} trace: {optimized} optimized steps, {sum(trace['iterations'])} updates, early stop at "
               f"step {trace['early_stop_step']}, final masked max {trace['final_masked_max']:.3f}, "
               f"{trace['optimize_seconds']:.2f} s of {results[method][0]:.2f} s in the optimization")
-    return {method: {"seconds": r[0], "ratio": r[0] / floor, "peak_mib": r[1]} for method, r in results.items()}
 
 
 # =========================================================================================================
@@ -283,23 +279,11 @@ def bench_cut(full: bool = False) -> dict:
 
 
 def vlad_bench_dataset(root: Path, n_images: int, size: int, seed: int = 0) -> Path:
-    """An MVTec-layout category 'texture': n_images gray textures, half with a bright disc and its mask, plus
-    8 train/good normals."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:size, :size]
-    for i in range(8):
-        data.save_image(rng.integers(90, 170, (size, size, 3), dtype=np.uint8),
-                        root / "texture/train/good" / f"{i:03d}.png")
-    for i in range(n_images):
-        image = rng.integers(90, 170, (size, size, 3), dtype=np.uint8)
-        if i % 2 == 0:
-            data.save_image(image, root / "texture/test/good" / f"{i:03d}.png")
-            continue
-        disc = (yy - rng.uniform(40, size - 40)) ** 2 + (xx - rng.uniform(40, size - 40)) ** 2 < 30 ** 2
-        image[disc] = 240
-        data.save_image(image, root / "texture/test/bright" / f"{i:03d}.png")
-        data.save_mask(disc.astype(np.float64), data.mask_path(root, "texture", "bright", f"{i:03d}"))
-    return root
+    """Category 'texture': n_images test images (half with a pasted disc and its mask) and 8 train/good."""
+    from test_all import vlad_make_synthetic_dataset
+
+    return vlad_make_synthetic_dataset(root, ("texture",), n_train=8, n_good=n_images // 2,
+                                       n_bad=n_images - n_images // 2, size=(size, size), seed=seed)
 
 
 def vlad_bench_one(model: str, image_size: int, device: str, precision: str, n_images: int = 64,

@@ -224,6 +224,12 @@ def mask_path(root, category: str, defect: str, stem: str) -> Path:
     return Path(root) / category / "ground_truth" / defect / f"{stem}_mask.png"
 
 
+def prediction_path(sample: Sample) -> str:
+    """Where a test image's anomaly map lies in a prediction tree, relative to PRED/<category>: the name both
+    vlad.py writes and metrics.py reads (also the path column of scores.csv)."""
+    return f"test/{sample.defect}/{sample.image.stem}.tiff"
+
+
 def read_split(root, category: str, split: str) -> list[Sample]:
     """Every image of ROOT/<category>/<split>/<defect>/, good first, then defects by name.
 

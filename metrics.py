@@ -353,7 +353,7 @@ def load_category(pred_root: Path, gt_root: Path, category: str):
     if not samples:
         raise data.DataError(f"{gt_root / category / 'test'}: category {category!r} has no test images.")
     pred_dir = pred_root / category
-    expected = {f"test/{s.defect}/{s.image.stem}.tiff": s for s in samples}  # the prediction of each image
+    expected = {data.prediction_path(s): s for s in samples}  # the prediction of each image
     if len(expected) < len(samples):
         raise data.DataError(f"{gt_root / category / 'test'}: two test images of one defect share a file name "
                              f"stem, so their predictions would share one .tiff; rename one.")

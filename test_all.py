@@ -1727,6 +1727,10 @@ def test_predict_rejects_k_larger_than_normals_and_empty_category(vlad_trained_r
     assert result.returncode == 2 and "hollow" in result.stderr and "no test images" in result.stderr
     result = run_cli("vlad.py", "train", "--data", empty, "--out", tmp_path / "r", "--model", "local-dir:" + str(tmp_path))
     assert result.returncode == 2 and "hollow" in result.stderr and "Traceback" not in result.stderr
+    clash = vlad_make_synthetic_dataset(tmp_path / "clash", n_train=1, n_good=1, n_bad=1)
+    data.save_image(np.asarray(data.load_image(clash / "texture/test/good/000.png")), clash / "texture/test/good/000.jpg")
+    assert vlad.main(["predict", "--ckpt", str(run), "--data", str(clash), "--out", str(tmp_path / "t"),
+                      "--quiet"]) == 2                   # 000.png and 000.jpg would share one 000.tiff
     no_normals = vlad_make_synthetic_dataset(tmp_path / "no_normals", n_train=0, n_good=1, n_bad=1)
     assert vlad.main(["predict", "--ckpt", str(run), "--data", str(no_normals), "--k-shot", "all",
                       "--out", str(tmp_path / "s"), "--quiet"]) == 2   # full-shot never silently turns zero-shot

@@ -695,7 +695,10 @@ def predict_category(backbone: Backbone, vlad: VLAD, root, category: str, k: int
     else:
         data.save_json(record, k_shot_file)
 
-    relative = {s.image: f"test/{s.defect}/{s.image.stem}.tiff" for s in test}
+    relative = {s.image: data.prediction_path(s) for s in test}
+    if len(set(relative.values())) < len(relative):
+        raise DataError(f"{root / category}/test: two test images of one defect share a file name stem, so their "
+                        f"anomaly maps would share one .tiff; rename one.")
     done = score_parts(category_out)
     jobs = [s for s in data.shard_jobs(test, rank, world) if relative[s.image] not in done]
     # Text features and the bank only when images are left: a re-run of a finished prediction costs nothing
