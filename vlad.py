@@ -585,9 +585,15 @@ def train(backbone: Backbone, samples: list[data.Sample], run, epochs: int = EPO
             raise DataError(f"{run / STATE_FILE}: was trained with other settings ({', '.join(changed)}); "
                             f"resume with the same flags or choose another --out.")
         saved_state = (tensors, metadata)
-        if int(metadata["epoch"]) >= epochs:  # finished: a re-run (e.g. of reproduce.sh) does no work
-            vlad = VLAD(backbone.width, backbone.embed_dim, len(backbone.stages)).to(backbone.device)
-            vlad.load_state_dict({k[len("vlad."):]: v for k, v in tensors.items() if k.startswith("vlad.")})
+
+    torch.manual_seed(seed)
+    vlad = VLAD(backbone.width, backbone.embed_dim, len(backbone.stages)).to(backbone.device)
+    start_epoch = 0
+    if saved_state is not None:
+        tensors, metadata = saved_state
+        vlad.load_state_dict({k[len("vlad."):]: v for k, v in tensors.items() if k.startswith("vlad.")})
+        start_epoch = int(metadata["epoch"])
+        if start_epoch >= epochs:  # finished: a re-run (e.g. of reproduce.sh) does no work
             return vlad
 
     token_cache = TokenCache(backbone, samples, cache, run / "token_cache", extract_batch)
@@ -599,17 +605,12 @@ def train(backbone: Backbone, samples: list[data.Sample], run, epochs: int = EPO
         if rank != 0:
             return None
 
-    torch.manual_seed(seed)
-    vlad = VLAD(backbone.width, backbone.embed_dim, len(backbone.stages)).to(backbone.device)
     optimizer = torch.optim.Adam(vlad.parameters(), lr=lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
-    start_epoch = 0
     if saved_state is not None:
         tensors, metadata = saved_state
-        vlad.load_state_dict({k[len("vlad."):]: v for k, v in tensors.items() if k.startswith("vlad.")})
         optimizer.load_state_dict(optimizer_from_tensors(tensors, json.loads(metadata["param_groups"])))
         scheduler.load_state_dict(json.loads(metadata["scheduler"]))
-        start_epoch = int(metadata["epoch"])
 
     if start_epoch == 0:  # epoch 0 = untrained adapters = zero-shot CLIP; `--epochs 0` gives that detector
         config["epoch"] = 0
