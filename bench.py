@@ -94,13 +94,13 @@ def bench_metrics() -> None:
     maps_bytes = maps.nbytes
     print(f"case: {maps.shape[0]} maps of {maps.shape[1]}x{maps.shape[2]} float32 ({maps_bytes / 2**20:.0f} MiB), "
           f"{int(masks.sum()):,} anomalous of {masks.size:,} pixels, "
-          f"{metrics.label_regions(masks[:BENCH_METRICS_ANOMALOUS])[1]} regions")
+          f"{data.label_regions(masks[:BENCH_METRICS_ANOMALOUS])[1]} regions")
 
     _, t_sort, m_sort = bench_metrics_measure(np.sort, maps.ravel())
     pixel, t_pixel, m_pixel = bench_metrics_measure(metrics.pixel_metrics, maps, masks)
     image, t_image, _ = bench_metrics_measure(metrics.image_metrics, scores, labels)
     p_auc, t_auc, m_auc = bench_metrics_measure(metrics.auroc, maps, masks)
-    _, t_label, m_label = bench_metrics_measure(metrics.label_regions, masks)
+    _, t_label, m_label = bench_metrics_measure(data.label_regions, masks)
     start = time.perf_counter()
     sklearn_auc = roc_auc_score(masks.ravel(), maps.ravel())
     t_sklearn = time.perf_counter() - start

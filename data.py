@@ -9,8 +9,8 @@ reader (see DESIGN.md, "The one folder format"):
     ROOT/<category>/ground_truth/<defect>/<stem>_mask.png  masks, 8-bit grayscale, same size as the image
 
 This module holds: image and mask IO that survives real files, atomic writes, the MVTec reader, the VisA
-converter, k-shot selection, sharding across processes and the two pictures people look at (a heat-map
-overlay and a contact sheet).
+converter, k-shot selection, 8-connected region labelling of masks, sharding across processes and the two
+pictures people look at (a heat-map overlay and a contact sheet).
 
     python data.py info ROOT                 per-category counts, to check a download at a glance
     python data.py k-shot ROOT CATEGORY K    the K normal images chosen for --seed (as vlad.py chooses them)
@@ -126,6 +126,27 @@ def atomic_path(path):
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+def check_output_folder(path, flag: str = "--out") -> None:
+    """DataError unless `path` is a folder this process can write in, or one it can create. Checked before any
+    long work (a model load, a token cache), so a typo costs one sentence; it creates nothing (the probe file
+    is removed at once), and it asks the file system itself, so it is right for root and read-only mounts."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise DataError(f"{flag} {path}: is a file, not a folder; choose a folder.")
+    existing = path
+    while not existing.exists():  # the nearest ancestor that exists is where the folder would be created
+        existing = existing.parent
+    if not existing.is_dir():
+        raise DataError(f"{flag} {path}: {existing} is a file, so the folder cannot be created; choose another.")
+    try:
+        handle, probe = tempfile.mkstemp(dir=existing, prefix=".write-test-")
+    except OSError as error:
+        raise DataError(f"{flag} {path}: cannot write in {existing} ({error.strerror or error}); choose a folder "
+                        f"you can write to.") from None
+    os.close(handle)
+    os.unlink(probe)
 
 
 def save_image(image, path) -> None:
@@ -344,6 +365,83 @@ def visa_to_mvtec(source, target, progress: bool = True) -> dict[str, dict[str, 
         counts.setdefault(category, {}).setdefault(key, 0)
         counts[category][key] += 1
     return counts
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 8-connected regions of masks, labelled from scratch (metrics.py's PRO regions, cut.py's foreground)
+#
+# A mask row is a list of runs of mask pixels. Two runs in consecutive rows of one image touch
+# (8-connectivity) when their column ranges overlap or meet at a corner. The regions are the connected
+# components of the graph of touching runs, found with a vectorised union-find.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _mask_runs(masks: np.ndarray):
+    """masks (N, H, W) bool -> run_row (in the (N*H, W) row stack), run_start, run_end (exclusive), each (R,),
+    in raster order -- the order of `maps[masks]`."""
+    n, height, width = masks.shape
+    rows = masks.reshape(n * height, width)
+    edges = np.diff(rows, axis=1, prepend=False, append=False)  # (N*H, W+1) True where a run starts or ends
+    row, column = np.nonzero(edges)  # raster order: within a row, starts and ends alternate
+    return row[0::2], column[0::2], column[1::2]
+
+
+def _touching_runs(run_row, run_start, run_end, height: int, width: int):
+    """Pairs (a, b) of runs, b in the row below a in the same image, that are 8-connected."""
+    stride = width + 2  # a key row * stride + column orders runs as raster order does
+    start_key = run_row * stride + run_start
+    end_key = run_row * stride + run_end
+    row_below = (run_row + 1) * stride
+    # Run b touches run a when b.end >= a.start and b.start <= a.end (ends exclusive: corners count).
+    lo = np.searchsorted(end_key, row_below + run_start, side="left")
+    hi = np.searchsorted(start_key, row_below + run_end, side="right")
+    hi = np.where((run_row + 1) % height == 0, lo, hi)  # the last row of an image touches nothing below
+    count = np.maximum(hi - lo, 0)
+    a = np.repeat(np.arange(len(run_row)), count)
+    b = np.repeat(lo, count) + np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count)
+    return a, b
+
+
+def _union_find(n_nodes: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Root (smallest member) of each node's connected component, for the undirected edges (a, b).
+
+    Each round hooks every root under the smallest root it touches, then compresses paths so that every node
+    points at its root. Every tree with an edge to another tree merges each round: O(log n) rounds."""
+    parent = np.arange(n_nodes)
+    while True:
+        root_a, root_b = parent[a], parent[b]
+        differ = root_a != root_b
+        if not differ.any():
+            return parent
+        np.minimum.at(parent, np.maximum(root_a[differ], root_b[differ]),
+                      np.minimum(root_a[differ], root_b[differ]))
+        while True:
+            grandparent = parent[parent]
+            if np.array_equal(grandparent, parent):
+                break
+            parent = grandparent
+
+
+def regions_of_runs(masks: np.ndarray):
+    """masks (N, H, W) bool -> region id of each run (R,) numbered 0.. in raster order, run lengths (R,),
+    number of regions."""
+    n, height, width = masks.shape
+    run_row, run_start, run_end = _mask_runs(masks)
+    root = _union_find(len(run_row), *_touching_runs(run_row, run_start, run_end, height, width))
+    _, region = np.unique(root, return_inverse=True)
+    return region, run_end - run_start, int(region.max()) + 1 if len(region) else 0
+
+
+def label_regions(masks: np.ndarray) -> tuple[np.ndarray, int]:
+    """The 8-connected regions of a mask (H, W) or of each mask of a stack (N, H, W), like
+    scipy.ndimage.label with a 3x3 structure per image: int32 labels of the same shape, 0 background, regions
+    numbered 1..n in raster order (across the whole stack), and n."""
+    masks = np.asarray(masks) > 0.5
+    stack = masks.reshape((-1,) + masks.shape[-2:])
+    region, run_length, n_regions = regions_of_runs(stack)
+    labels = np.zeros(stack.shape, dtype=np.int32)
+    labels[stack] = np.repeat(region + 1, run_length)
+    return labels.reshape(masks.shape), n_regions
 
 
 # ---------------------------------------------------------------------------------------------------------

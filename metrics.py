@@ -7,9 +7,9 @@
   the curve (a tie between a normal and an anomalous sample counts one half), never split by sort order.
 - I-F1 / P-F1: the maximum over all thresholds of F1 = 2PR / (P + R), a sample being positive when its score
   is >= the threshold.
-- PRO: the MVTec AD protocol. Regions are the 8-connected components of each ground-truth mask. At each
-  threshold, FPR = fraction of all normal pixels of all images above it and PRO = mean over all regions of
-  all images of the fraction of the region above it. The PRO-FPR curve, with a vertex at every distinct score,
+- PRO: the MVTec AD protocol. Regions are the 8-connected components of each ground-truth mask (labelled from
+  scratch by `data.label_regions`). At each threshold, FPR = fraction of all normal pixels of all images above
+  it and PRO = mean over all regions of all images of the fraction of the region above it. The PRO-FPR curve, with a vertex at every distinct score,
   is integrated with the trapezoid rule up to FPR 0.3 (interpolated there) and divided by 0.3.
 
 Exact and fast: the pixel metrics sort the normal pixels once (a float32 copy, the only full-size one) and
@@ -174,83 +174,6 @@ def max_f1(scores: np.ndarray, labels: np.ndarray) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 8-connected regions of the ground-truth masks, labelled from scratch
-#
-# A mask row is a list of runs of anomalous pixels. Two runs in consecutive rows of one image touch
-# (8-connectivity) when their column ranges overlap or meet at a corner. The regions are the connected
-# components of the graph of touching runs, found with a vectorised union-find.
-# ---------------------------------------------------------------------------------------------------------
-
-
-def _mask_runs(masks: np.ndarray):
-    """masks (N, H, W) bool -> run_row (in the (N*H, W) row stack), run_start, run_end (exclusive), each (R,),
-    in raster order -- the order of `maps[masks]`."""
-    n, height, width = masks.shape
-    rows = masks.reshape(n * height, width)
-    edges = np.diff(rows, axis=1, prepend=False, append=False)  # (N*H, W+1) True where a run starts or ends
-    row, column = np.nonzero(edges)  # raster order: within a row, starts and ends alternate
-    return row[0::2], column[0::2], column[1::2]
-
-
-def _touching_runs(run_row, run_start, run_end, height: int, width: int):
-    """Pairs (a, b) of runs, b in the row below a in the same image, that are 8-connected."""
-    stride = width + 2  # a key row * stride + column orders runs as raster order does
-    start_key = run_row * stride + run_start
-    end_key = run_row * stride + run_end
-    row_below = (run_row + 1) * stride
-    # Run b touches run a when b.end >= a.start and b.start <= a.end (ends exclusive: corners count).
-    lo = np.searchsorted(end_key, row_below + run_start, side="left")
-    hi = np.searchsorted(start_key, row_below + run_end, side="right")
-    hi = np.where((run_row + 1) % height == 0, lo, hi)  # the last row of an image touches nothing below
-    count = np.maximum(hi - lo, 0)
-    a = np.repeat(np.arange(len(run_row)), count)
-    b = np.repeat(lo, count) + np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count)
-    return a, b
-
-
-def _union_find(n_nodes: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Root (smallest member) of each node's connected component, for the undirected edges (a, b).
-
-    Each round hooks every root under the smallest root it touches, then compresses paths so that every node
-    points at its root. Every tree with an edge to another tree merges each round: O(log n) rounds."""
-    parent = np.arange(n_nodes)
-    while True:
-        root_a, root_b = parent[a], parent[b]
-        differ = root_a != root_b
-        if not differ.any():
-            return parent
-        np.minimum.at(parent, np.maximum(root_a[differ], root_b[differ]),
-                      np.minimum(root_a[differ], root_b[differ]))
-        while True:
-            grandparent = parent[parent]
-            if np.array_equal(grandparent, parent):
-                break
-            parent = grandparent
-
-
-def _regions_of_runs(masks: np.ndarray):
-    """masks (N, H, W) bool -> region id of each run (R,) numbered 0.. in raster order, run lengths (R,),
-    number of regions."""
-    n, height, width = masks.shape
-    run_row, run_start, run_end = _mask_runs(masks)
-    root = _union_find(len(run_row), *_touching_runs(run_row, run_start, run_end, height, width))
-    _, region = np.unique(root, return_inverse=True)
-    return region, run_end - run_start, int(region.max()) + 1 if len(region) else 0
-
-
-def label_regions(masks: np.ndarray) -> tuple[np.ndarray, int]:
-    """The 8-connected regions of a mask (H, W) or of each mask of a stack (N, H, W), like
-    scipy.ndimage.label with a 3x3 structure per image: int32 labels of the same shape, 0 background, regions
-    numbered 1..n in raster order (across the whole stack), and n."""
-    masks = np.asarray(masks) > 0.5
-    stack = masks.reshape((-1,) + masks.shape[-2:])
-    region, run_length, n_regions = _regions_of_runs(stack)
-    labels = np.zeros(stack.shape, dtype=np.int32)
-    labels[stack] = np.repeat(region + 1, run_length)
-    return labels.reshape(masks.shape), n_regions
-
-
-# ---------------------------------------------------------------------------------------------------------
 # Evaluation
 # ---------------------------------------------------------------------------------------------------------
 
@@ -265,7 +188,7 @@ def pixel_metrics(anomaly_maps: np.ndarray, gt_masks: np.ndarray, fpr_limit: flo
     gt_masks = gt_masks if gt_masks.dtype == bool else gt_masks > 0.5  # (N, H, W) bool
     if anomaly_maps.shape != gt_masks.shape or anomaly_maps.ndim != 3:
         raise ValueError(f"maps {anomaly_maps.shape} and masks {gt_masks.shape} must both be (N, H, W)")
-    region, run_length, n_regions = _regions_of_runs(gt_masks)
+    region, run_length, n_regions = data.regions_of_runs(gt_masks)
     # PRO's weight per anomalous pixel, in raster order: 1 / (n_regions * size of its region).
     region_size = np.bincount(region, weights=run_length, minlength=n_regions)  # (n_regions,)
     pixel_weight = np.repeat(1.0 / (n_regions * region_size[region]), run_length) if n_regions else np.zeros(0)

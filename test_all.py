@@ -436,13 +436,13 @@ def test_label_regions_joins_diagonal_neighbours_hand_computed():
                          [0, 0, 1, 0, 3],
                          [4, 0, 0, 0, 3],
                          [4, 4, 0, 3, 0]])
-    labels, n = metrics.label_regions(mask)
+    labels, n = data.label_regions(mask)
     assert n == 4
     np.testing.assert_array_equal(labels, expected)
 
 
 def metrics_assert_labels_equal_scipy(masks: np.ndarray) -> None:
-    labels, n = metrics.label_regions(masks)
+    labels, n = data.label_regions(masks)
     offset = 0
     for mask, ours in zip(masks, labels):
         theirs, count = ndimage.label(mask, structure=np.ones((3, 3)))
@@ -468,7 +468,7 @@ def test_label_regions_finds_one_region_in_a_long_serpentine():
     mask[::2] = True
     for row in range(1, 41, 2):
         mask[row, -1 if row % 4 == 1 else 0] = True
-    labels, n = metrics.label_regions(mask)
+    labels, n = data.label_regions(mask)
     assert n == 1
     np.testing.assert_array_equal(labels, ndimage.label(mask, structure=np.ones((3, 3)))[0])
 
