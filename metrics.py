@@ -9,8 +9,9 @@
   is >= the threshold.
 - PRO: the MVTec AD protocol. Regions are the 8-connected components of each ground-truth mask (labelled from
   scratch by `data.label_regions`). At each threshold, FPR = fraction of all normal pixels of all images above
-  it and PRO = mean over all regions of all images of the fraction of the region above it. The PRO-FPR curve, with a vertex at every distinct score,
-  is integrated with the trapezoid rule up to FPR 0.3 (interpolated there) and divided by 0.3.
+  it and PRO = mean over all regions of all images of the fraction of the region above it. The PRO-FPR curve,
+  with a vertex at every distinct score, is integrated with the trapezoid rule up to FPR 0.3 (interpolated
+  there) and divided by 0.3.
 
 Exact and fast: the pixel metrics sort the normal pixels once (a float32 copy, the only full-size one) and
 argsort only the anomalous pixels, which are few. P-AUC, P-F1 and the whole PRO curve then follow from counting
