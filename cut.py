@@ -21,15 +21,17 @@ the generator class, then the CLI. The core functions take tensors/arrays, never
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import re
 import sys
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -54,6 +56,14 @@ EARLY_STOP_WINDOW = (10, 50)                # 10 < n_t < 50 at P = 16, scaled by
 SOFTMAX_SCALE = 100.0                       # Eq. 3: temperature of the token softmax (Attend-and-Excite)
 GAUSSIAN_SIGMA = 0.5                        # Eq. 3: 3 x 3 Gaussian smoothing
 MIN_FOREGROUND, MAX_FOREGROUND = 0.01, 0.99  # outside this coverage the foreground mask falls back to all
+# Step 3's rule (ours: the paper says only "simple binary thresholding"; see foreground_mask)
+BORDER_PURITY = 0.7      # under 70% of the border on one side of Otsu's threshold: a texture, no background
+SPECK = 0.001            # thresholded parts under 0.1% of the image are specks
+MINOR_PART = 0.1         # parts under 10% of the largest part are clutter (a tray's rim, glare), not the object
+OBJECT_SHARE = 0.8       # the object's parts hold at least 80% of the thresholded pixels, else it is scattered
+CLOSING = 0.02           # closing radius / image side: seals cracks and chips that open onto the object's rim
+BACKGROUND_HOLE = 0.01   # a hole of at least 1% of the image that looks like the background stays (a nut's centre)
+LOSS_SCALE = 2.0 ** 16                      # fp16 UNet: initial loss scale, AMP GradScaler's default
 PREVIEW_SAMPLES = 8                         # ours: rows (samples) shown in preview.png
 
 
@@ -115,21 +125,82 @@ def otsu_threshold(gray: np.ndarray) -> int:
     return int(np.argmax(between))
 
 
-def foreground_mask(image: np.ndarray) -> tuple[np.ndarray, str | None]:
-    """Otsu foreground of an (H, W, 3) uint8 image -> ((H, W) float32 0/1, warning or None).
+def dilate(mask: np.ndarray, radius: int, outside: bool = False) -> np.ndarray:
+    """Binary dilation of an (H, W) bool mask by a (2r+1) x (2r+1) square, separable; `outside` is the value
+    assumed beyond the image."""
+    out = mask
+    for axis in (0, 1):
+        n = out.shape[axis]
+        padded = np.pad(out, [(radius, radius) if a == axis else (0, 0) for a in (0, 1)], constant_values=outside)
+        out = np.logical_or.reduce([padded[s:s + n] if axis == 0 else padded[:, s:s + n]
+                                    for s in range(2 * radius + 1)])
+    return out
 
-    Polarity: the side of the threshold that covers most of the image border is background. A mask covering
-    under 1% or over 99% of the image falls back to the whole image, with a warning.
+
+def solid_region(parts: np.ndarray, gray: np.ndarray, background: np.ndarray) -> tuple[np.ndarray, int]:
+    """An object's thresholded parts (H, W) bool -> the solid object (H, W) bool and the number of holes filled.
+
+    Closing seals cracks and chips that open onto the rim; then every hole is filled (chocolate chips, cracks,
+    dark print: exactly where an anomaly may appear), except a large one that looks like the background
+    (`background`: the border's background pixels), which is a real opening, like a metal nut's centre."""
+    H, W = parts.shape
+    radius = max(1, round(CLOSING * max(H, W)))
+    closed = ~dilate(~dilate(parts, radius), radius, outside=True)              # closing: dilate, then erode
+    holes, n = data.label_regions(~closed)                                      # 0 = object, 1..n = not object
+    size = np.bincount(holes.ravel(), minlength=n + 1)
+    mean = np.bincount(holes.ravel(), weights=gray.ravel(), minlength=n + 1) / np.maximum(size, 1)
+    outer = np.zeros(n + 1, bool)
+    outer[holes[0]] = outer[holes[-1]] = outer[holes[:, 0]] = outer[holes[:, -1]] = True   # open to the border
+    levels = gray[background].astype(np.float64)
+    looks_like_background = np.abs(mean - levels.mean()) <= 2 * levels.std() + 1
+    stays = outer | ((size >= BACKGROUND_HOLE * H * W) & looks_like_background)
+    stays[0] = False
+    return ~stays[holes], int((~stays[1:]).sum())
+
+
+def foreground_mask(image: np.ndarray) -> tuple[np.ndarray, dict]:
+    """Step 3: the foreground of an (H, W, 3) uint8 image -> ((H, W) float32 0/1, info).
+
+    Otsu's threshold splits the gray image in two; the side that covers most of the border is background.
+    - If under 70% of the border is background, there is no background: a texture or full-frame surface
+      (carpet, wood, asphalt; Otsu only cuts them into random halves) -> the whole image.
+    - The other side's parts (8-connected regions) are kept if they are no speck (>= 0.1% of the image) and
+      no clutter (>= 10% of the largest part). If they hold under 80% of that side's pixels, the pattern is
+      scattered (speckled tile) -> the whole image; if there are several and one touches the border, it is a
+      printed pattern cut by the frame (a circuit board's traces) -> the whole image.
+    - Else they are the object, made solid (`solid_region`): holes filled, a large background-like opening kept.
+    An object covering under 1% or over 99% of the image falls back to the whole image, with a warning.
+    info: {"rule": which case fired, "coverage": fraction of the image, "warning": str or None}.
     """
     gray = (image[..., :3].astype(np.float64) @ [0.299, 0.587, 0.114]).round().clip(0, 255).astype(np.uint8)
-    above = gray > otsu_threshold(gray)                                        # (H, W) bool
-    border = np.concatenate([above[0], above[-1], above[1:-1, 0], above[1:-1, -1]])
-    mask = ~above if border.mean() > 0.5 else above
-    coverage = float(mask.mean())
+    H, W = gray.shape
+    border = np.zeros((H, W), bool)
+    border[0] = border[-1] = border[:, 0] = border[:, -1] = True
+    above = gray > otsu_threshold(gray)                                          # (H, W) bool
+    side = ~above if above[border].mean() > 0.5 else above                       # the non-background side
+
+    def result(mask: np.ndarray, rule: str, warning: str | None = None):
+        return mask.astype(np.float32), {"rule": rule, "coverage": round(float(mask.mean()), 4), "warning": warning}
+
+    whole = np.ones((H, W), bool)
+    if 1.0 - side[border].mean() < BORDER_PURITY:
+        return result(whole, "texture: no background at the border")
+    labels, n = data.label_regions(side)
+    size = np.bincount(labels.ravel(), minlength=n + 1)
+    size[0] = 0
+    kept = (size >= SPECK * H * W) & (size >= MINOR_PART * size.max())         # (n + 1,) the object's parts
+    touching = np.zeros(n + 1, bool)
+    touching[labels[border]] = True
+    if kept.any() and size[kept].sum() < OBJECT_SHARE * size.sum():
+        return result(whole, "texture: scattered parts")
+    if kept.sum() > 1 and (kept & touching).any():
+        return result(whole, "texture: a pattern cut by the border")
+    solid, _ = solid_region(kept[labels], gray, border & ~side) if kept.any() else (np.zeros((H, W), bool), 0)
+    coverage = float(solid.mean())
     if not MIN_FOREGROUND <= coverage <= MAX_FOREGROUND:
-        return np.ones(gray.shape, np.float32), (f"foreground mask covers {coverage:.1%} of the image, "
-                                                 f"outside [1%, 99%]; using the whole image")
-    return mask.astype(np.float32), None
+        return result(whole, "whole image: object too small or too large",
+                      f"foreground mask covers {coverage:.1%} of the image, outside [1%, 99%]; using the whole image")
+    return result(solid, "object")
 
 
 def downsample_mask(mask: torch.Tensor, size: int) -> torch.Tensor:
@@ -143,29 +214,49 @@ def downsample_mask(mask: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def gaussian_kernel(sigma: float = GAUSSIAN_SIGMA, size: int = 3) -> torch.Tensor:
-    """(size, size) normalized Gaussian exp(-d^2 / (2 sigma^2)) (not A&E's exp(-(d / 2 sigma)^2) typo)."""
+    """(size, size) Attend-and-Excite's smoothing kernel: per axis exp(-((d - mean) / (2 sigma))^2), normalized.
+
+    This is A&E's formula, not the textbook exp(-d^2 / (2 sigma^2)): at sigma 0.5 its centre weight is 0.33
+    instead of 0.62. The paper's thresholds and early-stop window were tuned on A&E's maps, so we keep it."""
     d = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
-    g = torch.exp(-d ** 2 / (2 * sigma ** 2))
+    g = torch.exp(-((d / (2 * sigma)) ** 2))
     kernel = g[:, None] * g[None, :]
     return kernel / kernel.sum()
 
 
-def anomaly_attention_map(A_t: torch.Tensor, token_indices: list[int], end_index: int,
-                          sigma: float = GAUSSIAN_SIGMA) -> torch.Tensor:
-    """Eq. 3: the smoothed cross-attention map of the anomaly word.
+def text_softmax_end(tokenizer, n_prompt_tokens: int, context: int) -> int:
+    """Eq. 3's softmax runs over token positions 1 .. end - 1; this returns `end`, as Attend-and-Excite chooses it.
+
+    SD 1.x (its tokenizer pads with <|endoftext|>): end = context - 1, so the softmax covers positions 1 .. 75 of
+    the 77-token sequence, the end token and the padding included, only the start token and the last position
+    dropped. SD 2.x (it pads with "!"): end = the end token's position, the prompt's own words only (A&E's
+    `normalize_eot`, which its authors set for SD 2.1)."""
+    if tokenizer.pad_token_id == tokenizer.eos_token_id:
+        return context - 1
+    return n_prompt_tokens - 1
+
+
+def token_attention_maps(A_t: torch.Tensor, token_indices: list[int], softmax_end: int,
+                         sigma: float = GAUSSIAN_SIGMA) -> torch.Tensor:
+    """Eq. 3 per sub-token: scale by 100, softmax over token positions 1 .. softmax_end - 1 (the start token, which
+    soaks up most attention, is dropped), then A&E's 3 x 3 Gaussian with reflect padding.
 
     A_t: (B, P, P, N) attention probabilities averaged over heads and layers (they sum to 1 over N tokens).
-    token_indices: positions of the word's sub-tokens in the prompt; end_index: position of <|endoftext|>.
-    Returns (B, P, P): per-pixel max over the sub-tokens of the smoothed token maps.
-    """
-    # drop <|startoftext|> (it soaks up most attention), re-normalize over the prompt's words only
-    text = torch.softmax(SOFTMAX_SCALE * A_t[..., 1:end_index].float(), dim=-1)   # (B, P, P, end_index - 1)
+    token_indices: positions of the word's sub-tokens in the prompt. Returns (B, J, P, P)."""
+    text = torch.softmax(SOFTMAX_SCALE * A_t[..., 1:softmax_end].float(), dim=-1)  # (B, P, P, softmax_end - 1)
     word = text[..., [j - 1 for j in token_indices]].permute(0, 3, 1, 2)           # (B, J, P, P)
     B, J, P, _ = word.shape
     kernel = gaussian_kernel(sigma).to(word.device)[None, None]                    # (1, 1, 3, 3)
     padded = F.pad(word.reshape(B * J, 1, P, P), (1, 1, 1, 1), mode="reflect")
-    smoothed = F.conv2d(padded, kernel).reshape(B, J, P, P)
-    return smoothed.amax(dim=1)                                                    # (B, P, P)
+    return F.conv2d(padded, kernel).reshape(B, J, P, P)
+
+
+def anomaly_attention_map(A_t: torch.Tensor, token_indices: list[int], softmax_end: int,
+                          sigma: float = GAUSSIAN_SIGMA) -> torch.Tensor:
+    """Eq. 3: the anomaly word's smoothed cross-attention map A^j, (B, P, P, N) -> (B, P, P): the per-pixel max
+    over the word's sub-tokens (ours: A&E optimizes single tokens; a word split into several BPE tokens is as
+    present as its most attended piece)."""
+    return token_attention_maps(A_t, token_indices, softmax_end, sigma).amax(dim=1)
 
 
 def masked_max(anomaly_map: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -369,8 +460,9 @@ class CutSettings:
             self.delta = 1.0 / self.steps
 
     def denoising_steps(self) -> int:
-        """Step 1: K = round(gamma * T), the DDIM steps actually run (img2img with strength gamma)."""
-        K = min(round(self.gamma * self.steps), self.steps)
+        """Step 1: K = int(gamma * T), the DDIM steps actually run, as diffusers' img2img computes it for strength
+        gamma (so the plain img2img baseline runs exactly the same steps)."""
+        K = min(int(self.gamma * self.steps), self.steps)
         if K < 1:
             raise CutError(f"--gamma {self.gamma} with --steps {self.steps} leaves no step to denoise; raise either")
         return K
@@ -383,6 +475,13 @@ class CutResult:
     trace: dict                                  # per-step n_t, alpha_t, iterations, masked max, early stop
 
 
+def first_sentence(error: Exception, limit: int = 200) -> str:
+    """The type and first sentence of an exception's message, for a one-sentence CLI error."""
+    text = str(error).strip().splitlines()[0].strip() if str(error).strip() else ""
+    text = re.split(r"(?<=[.!?])\s", text, maxsplit=1)[0].rstrip(".")
+    return f"{type(error).__name__}: {text[:limit]}" if text else type(error).__name__
+
+
 def load_pipeline(model: str, device: str, dtype: torch.dtype):
     """Any SD 1.x/2.x diffusers folder or Hub id -> StableDiffusionPipeline on `device`, DDIM scheduler."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
@@ -393,8 +492,8 @@ def load_pipeline(model: str, device: str, dtype: torch.dtype):
             pipe = StableDiffusionPipeline.from_pretrained(model, torch_dtype=dtype, safety_checker=None,
                                                            feature_extractor=None, requires_safety_checker=False)
     except Exception as error:  # diffusers raises OSError, ValueError, HFValidationError, ... for bad models
-        raise CutError(f"the model {model!r} could not be loaded or downloaded ({type(error).__name__}); "
-                       f"pass --model with a local Stable Diffusion 1.x/2.x diffusers folder (one containing "
+        raise CutError(f"the model {model!r} could not be loaded or downloaded ({first_sentence(error)}); pass "
+                       f"--model with a local Stable Diffusion 1.x/2.x diffusers folder (one containing "
                        f"model_index.json)") from None
     # clip_sample: DDIM's default (True) clamps the predicted latent z_0 to [-1, 1], wrong for SD latents; a
     # model whose scheduler config omits it (PNDM or Euler configs, say) would otherwise get it silently
@@ -422,6 +521,7 @@ class CUT:
         layers = cross_attention_layers(self.unet, self.latent_size)
         self.P = choose_attention_resolution(list(layers), self.latent_size, self.settings.attn_res)
         self.layer_names = layers[self.P]
+        self.warned_non_finite = False
 
     # -- prompt --------------------------------------------------------------------------------------------
 
@@ -439,7 +539,7 @@ class CUT:
     # -- the per-step pieces -------------------------------------------------------------------------------
 
     def timesteps(self) -> torch.Tensor:
-        """Step 1: the last round(gamma * T) of T DDIM timesteps (img2img with strength gamma)."""
+        """Step 1: the last K = int(gamma * T) of T DDIM timesteps (img2img with strength gamma)."""
         scheduler = self.pipe.scheduler
         scheduler.set_timesteps(self.settings.steps, device=self.device)
         K = self.settings.denoising_steps()
@@ -455,8 +555,9 @@ class CUT:
         z_0 = dist.mean.float() + dist.std.float() * eps.to(self.device)
         return z_0 * self.vae.config.scaling_factor
 
-    def attention_forward(self, recorder, z_t: torch.Tensor, t, cond: torch.Tensor, token_indices, end_index):
-        """Conditional UNet forward on z_t (grad kept if enabled) -> smoothed anomaly map (B, P, P).
+    def attention_forward(self, recorder, z_t: torch.Tensor, t, cond: torch.Tensor, token_indices,
+                          softmax_end: int) -> torch.Tensor:
+        """Conditional UNet forward on z_t (grad kept if enabled) -> smoothed anomaly map A^j (B, P, P).
 
         The forward ends at the last recorded layer: its noise prediction would be thrown away."""
         recorder.stop_after = len(self.layer_names)
@@ -467,71 +568,129 @@ class CUT:
             pass
         finally:
             recorder.stop_after = None
-        return anomaly_attention_map(recorder.pop(), token_indices, end_index)
+        return anomaly_attention_map(recorder.pop(), token_indices, softmax_end)
+
+    def attention_gradient(self, recorder, z_t: torch.Tensor, t, cond, token_indices, softmax_end: int,
+                           mask_attn: torch.Tensor, loss_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A^j (B, P, P) at z_t (B, 4, h, w) and grad(L_att, z_t) (B, 4, h, w) fp32, L_att of Eq. 4.
+
+        loss_scale (B,): as AMP's GradScaler does for a half-precision model, each sample's loss is multiplied by
+        its scale before the backward pass, so that small gradients do not underflow to 0 in fp16, and the
+        gradient is divided by it after. The scale is a power of two, so both steps are exact."""
+        with torch.enable_grad():
+            z_leaf = z_t.detach().requires_grad_(True)
+            anomaly_map = self.attention_forward(recorder, z_leaf, t, cond, token_indices, softmax_end)
+            loss = attention_loss(anomaly_map, mask_attn)                              # (B,) Eq. 4
+            grad = torch.autograd.grad((loss * loss_scale).sum(), z_leaf)[0]
+        return anomaly_map.detach(), grad / loss_scale.view(-1, 1, 1, 1)
+
+    def scaled_gradient(self, recorder, z_t: torch.Tensor, rows: list[int], states: list[dict], t, cond,
+                        token_indices, softmax_end: int, mask_attn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`attention_gradient` of the samples `rows` at their own loss scales (z_t, mask_attn: those rows).
+
+        A finite loss whose gradient is inf or NaN at a scale above 1 overflowed the half-precision range: the
+        sample's scale halves and its gradient is computed again (ours: GradScaler would skip the step; here a
+        skipped update would change the sample, and the exact power-of-two scaling makes the retried gradient the
+        one an unscaled fp32 backward pass would give)."""
+        def scales(ks):
+            return torch.tensor([states[rows[k]]["loss_scale"] for k in ks], device=z_t.device)
+
+        anomaly_map, grad = self.attention_gradient(recorder, z_t, t, cond, token_indices, softmax_end, mask_attn,
+                                                    scales(range(len(rows))))
+        while True:
+            overflow = [k for k in range(len(rows)) if states[rows[k]]["loss_scale"] > 1
+                        and anomaly_map[k].isfinite().all() and not grad[k].isfinite().all()]
+            if not overflow:
+                return anomaly_map, grad
+            for k in overflow:
+                states[rows[k]]["loss_scale"] /= 2
+            grad[overflow] = self.attention_gradient(recorder, z_t[overflow], t, cond, token_indices, softmax_end,
+                                                     mask_attn[overflow], scales(overflow))[1]
+
+    def apply_update(self, z: torch.Tensor, grad: torch.Tensor, rows: list[int], states: list[dict],
+                     mask_latent: torch.Tensor) -> None:
+        """Eq. 4's update, in place, on the samples `rows` of z (B, 4, h, w); grad: theirs (R, 4, h, w).
+
+        A non-finite gradient never reaches the latent: that update is skipped, counted and warned about."""
+        finite = []
+        for k, b in enumerate(rows):
+            state = states[b]
+            state["iterations"][-1] += 1
+            norm = float(grad[k].norm())
+            state["grad_norm"][-1].append(norm if math.isfinite(norm) else None)
+            if math.isfinite(norm):
+                finite.append(k)
+            else:
+                state["skipped_updates"] += 1
+                if not self.warned_non_finite:          # once per generator: the count is in every meta line
+                    self.warned_non_finite = True
+                    warnings.warn("a non-finite attention gradient was skipped (meta.jsonl counts them in "
+                                  "skipped_updates); if this recurs, try --dtype bf16 or fp32", RuntimeWarning)
+        if finite:
+            updated = [rows[k] for k in finite]
+            alpha_t = torch.tensor([states[b]["alpha_t"][-1] for b in updated], device=z.device)
+            z[updated] = latent_update(z[updated], grad[finite], alpha_t, mask_latent[updated])
 
     @torch.no_grad()
-    def denoise(self, recorder, z_t: torch.Tensor, t, cond, uncond, token_indices, end_index):
+    def denoise(self, recorder, z_t: torch.Tensor, t, cond, uncond, token_indices, softmax_end: int):
         """Classifier-free guidance step z_t -> z_{t-1}; also the conditional anomaly map (B, P, P)."""
         B = len(z_t)
         z_in = self.pipe.scheduler.scale_model_input(torch.cat([z_t, z_t]), t).to(self.unet.dtype)
         emb = torch.cat([uncond.expand(B, -1, -1), cond.expand(B, -1, -1)])
         eps = self.unet(z_in, t, encoder_hidden_states=emb).sample.float()
-        anomaly_map = anomaly_attention_map(recorder.pop()[B:], token_indices, end_index)   # conditional half
+        anomaly_map = anomaly_attention_map(recorder.pop()[B:], token_indices, softmax_end)  # conditional half
         eps_uncond, eps_cond = eps.chunk(2)
         eps = eps_uncond + self.settings.guidance * (eps_cond - eps_uncond)
         return self.pipe.scheduler.step(eps, t, z_t).prev_sample.float(), anomaly_map
 
     def optimize(self, recorder, z: torch.Tensor, i: int, remaining: int, t, states: list[dict], cond,
-                 token_indices, end_index, mask_attn: torch.Tensor, mask_latent: torch.Tensor) -> torch.Tensor:
-        """Eq. 4, refinement, Eq. 5 and early stopping at step index i, for the samples still optimizing.
+                 token_indices, softmax_end: int, mask_attn: torch.Tensor, mask_latent: torch.Tensor) -> torch.Tensor:
+        """Sec. 4.1's latent optimization at denoising step i, for the samples that have not stopped early:
+
+            A^j at z_t (Eq. 3);  n_t (Eq. 5);  stop for good when 10 < n_t < 50 (early stopping, after step 10)
+            alpha_t = lambda (1 + Delta t) n_t / n_start                                       (Eq. 5)
+            z_t <- z_t - alpha_t grad(L_att) * mask_latent,  L_att = 1 - max(A^j * mask)     (Eq. 4)
+            at a refinement step: repeat the update until max(A^j * mask) >= the step's threshold or max_iters
 
         `remaining` is Eq. 5's t: the number of denoising steps still to run, the current one included.
         z: (B, 4, h, w) fp32; mask_attn: (B, P, P); mask_latent: (B, 1, h, w). Returns the updated z.
         Samples are independent in the UNet, so the gradient of the summed losses is each sample's own.
         """
         s = self.settings
+        z = z.detach().clone()
         rows = [b for b, state in enumerate(states) if state["early_stop_step"] is None]
-        threshold = s.thresholds.get(i)                              # None: one update at this step
-        z = z.clone()
-        first = True
+        if not rows:
+            return z
+        anomaly_map, grad = self.scaled_gradient(recorder, z[rows], rows, states, t, cond, token_indices,
+                                                 softmax_end, mask_attn[rows])
+        optimizing = []
+        for k, b in enumerate(rows):                       # Eq. 5 and early stopping, on this step's map
+            state, n_t = states[b], int(localized_pixels(anomaly_map[k:k + 1]))
+            if i == 0:
+                state["n_start"] = n_t
+            if should_stop_early(i, n_t, self.P, s.early_stop_after, s.early_stop_window):
+                state["early_stop_step"], state["early_stop_n_t"] = i, n_t     # no update now nor later
+                continue
+            state["n_t"].append(n_t)
+            state["alpha_t"].append(step_size(s.lam, s.delta, remaining, n_t, state["n_start"]))
+            state["iterations"].append(0)
+            state["grad_norm"].append([])
+            optimizing.append(k)
+        rows, grad = [rows[k] for k in optimizing], grad[optimizing]
+
+        threshold = s.thresholds.get(i)                    # None: one update at this step
         while rows:
-            if not first:                                            # refinement cap, before paying a forward
-                rows = [b for b in rows if states[b]["iterations"][-1] < s.max_iters]
-                if not rows:
-                    break
-            with torch.enable_grad():
-                z_rows = z[rows].detach().requires_grad_(True)
-                anomaly_map = self.attention_forward(recorder, z_rows, t, cond, token_indices, end_index)
-                loss = attention_loss(anomaly_map, mask_attn[rows])    # (R,) Eq. 4
-            keep = []
-            for k, b in enumerate(rows):
-                state = states[b]
-                if first:
-                    n_t = int(localized_pixels(anomaly_map[k:k + 1].detach()))      # Eq. 5: n_t
-                    if i == 0:
-                        state["n_start"] = n_t
-                    if should_stop_early(i, n_t, self.P, s.early_stop_after, s.early_stop_window):
-                        state["early_stop_step"] = i                 # no update now nor later
-                        continue
-                    state["n_t"].append(n_t)
-                    state["alpha_t"].append(step_size(s.lam, s.delta, remaining, n_t, state["n_start"]))
-                    state["iterations"].append(0)
-                elif 1.0 - float(loss[k].detach()) >= threshold:
-                    continue                                         # refinement reached its target
-                keep.append(k)
-            if keep:
-                grad = torch.autograd.grad(loss[keep].sum(), z_rows)[0][keep]
-                rows = [rows[k] for k in keep]
-                alpha_t = torch.tensor([states[b]["alpha_t"][-1] for b in rows], device=z.device)
-                z[rows] = latent_update(z[rows], grad, alpha_t, mask_latent[rows])
-                for b in rows:
-                    states[b]["iterations"][-1] += 1
-            else:
-                rows = []
+            self.apply_update(z, grad, rows, states, mask_latent)                             # Eq. 4
             if threshold is None:
                 break
-            first = False
-        return z.detach()
+            rows = [b for b in rows if states[b]["iterations"][-1] < s.max_iters]          # the cap
+            if not rows:
+                break
+            anomaly_map, grad = self.scaled_gradient(recorder, z[rows], rows, states, t, cond, token_indices,
+                                                     softmax_end, mask_attn[rows])
+            below = (masked_max(anomaly_map, mask_attn[rows]) < threshold).tolist()        # target not reached
+            rows, grad = [b for b, go in zip(rows, below) if go], grad[[k for k, go in enumerate(below) if go]]
+        return z
 
     # -- one batch of samples ------------------------------------------------------------------------------
 
@@ -539,12 +698,12 @@ class CUT:
                  prompt: str, word: str) -> list[CutResult]:
         """B normal images (S, S, 3) uint8, foreground masks (S, S) 0/1, seeds -> B CutResults.
 
-        Every sample has its own torch.Generator, so a sample's output does not depend on its batch-mates
-        (up to float rounding of batched kernels).
+        Every sample has its own torch.Generator and its own loss scale, so a sample's output does not depend on
+        its batch-mates (up to float rounding of batched kernels).
         """
         s, P = self.settings, self.P
         ids, token_indices = self.prompt_tokens(prompt, word)
-        end_index = len(ids) - 1
+        softmax_end = text_softmax_end(self.pipe.tokenizer, len(ids), self.context)
         cond, uncond = self.encode_text(prompt), self.encode_text("")
         generators = [torch.Generator().manual_seed(seed) for seed in seeds]
         B = len(images)
@@ -554,8 +713,10 @@ class CUT:
         mask_latent = torch.stack([downsample_mask(m, self.latent_size) for m in foreground])[:, None]
         timesteps = self.timesteps()
         K = len(timesteps)
-        states = [{"n_start": None, "n_t": [], "alpha_t": [], "iterations": [], "masked_max": [],
-                   "early_stop_step": None} for _ in range(B)]
+        loss_scale = LOSS_SCALE if self.unet.dtype == torch.float16 else 1.0   # bf16 and fp32 need none
+        states = [{"n_start": None, "n_t": [], "alpha_t": [], "iterations": [], "grad_norm": [], "masked_max": [],
+                   "early_stop_step": None, "early_stop_n_t": None, "skipped_updates": 0, "loss_scale": loss_scale}
+                  for _ in range(B)]
 
         # Step 1: noise z_0 to the first of the last K timesteps
         z_0 = self.encode_images(np.stack(images), generators)                            # (B, 4, h, w)
@@ -565,9 +726,9 @@ class CUT:
         with recording_attention(self.unet, self.layer_names, P) as recorder:
             for i, t in enumerate(timesteps):
                 if s.optimize:                      # False: a baseline with the same recording, no update
-                    z = self.optimize(recorder, z, i, K - i, t, states, cond, token_indices, end_index,
+                    z = self.optimize(recorder, z, i, K - i, t, states, cond, token_indices, softmax_end,
                                       mask_attn, mask_latent)
-                z, anomaly_map = self.denoise(recorder, z, t, cond, uncond, token_indices, end_index)
+                z, anomaly_map = self.denoise(recorder, z, t, cond, uncond, token_indices, softmax_end)
                 for b, value in enumerate(masked_max(anomaly_map, mask_attn).tolist()):
                     states[b]["masked_max"].append(value)
         with torch.no_grad():
@@ -576,14 +737,13 @@ class CUT:
 
         results = []
         for b, state in enumerate(states):
-            y_pix = coarse_mask(anomaly_map[b], foreground[b]).cpu().numpy().astype(np.float32)
-            trace = {
-                "token_ids": ids, "token_indices": token_indices, "attn_res": P,
-                "n_start": state["n_start"], "n_t": state["n_t"], "alpha_t": state["alpha_t"],
-                "iterations": state["iterations"], "masked_max": state["masked_max"],
-                "early_stop_step": state["early_stop_step"],
-                "final_masked_max": state["masked_max"][-1],
-            }
+            y_pix = coarse_mask(anomaly_map[b], foreground[b]).cpu().numpy().astype(np.float32)   # step 10
+            trace = {"token_ids": ids, "token_indices": token_indices, "softmax_tokens": [1, softmax_end - 1],
+                     "attn_res": P, **{key: state[key] for key in (
+                         "n_start", "n_t", "alpha_t", "iterations", "grad_norm", "masked_max", "early_stop_step",
+                         "early_stop_n_t", "skipped_updates")},
+                     "loss_scale": state["loss_scale"] if s.optimize and loss_scale != 1.0 else None,
+                     "final_masked_max": state["masked_max"][-1]}
             results.append(CutResult(pixels[b], y_pix, trace))
         return results
 
@@ -714,6 +874,147 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class JobList:
+    """Every sample of a run, job j = (image j // n, seed seed + j % n), built on demand: a run of a billion
+    samples costs no memory up front. Job j belongs to the shard j % world."""
+
+    def __init__(self, sources: list[Path], categories: dict[Path, str], n: int, seed: int):
+        self.sources, self.categories, self.n, self.seed = sources, categories, n, seed
+        self.position = {(categories[path], path.stem): i for i, path in enumerate(sources)}
+
+    def __len__(self) -> int:
+        return len(self.sources) * self.n
+
+    def __getitem__(self, j: int) -> Job:
+        i, k = divmod(j, self.n)
+        source = self.sources[i]
+        return Job(source, self.categories[source], self.seed + k, k == 0)
+
+    def find(self, category: str, stem: str, seed) -> int | None:
+        """The job that writes `stem`'s sample of `seed` in `category`, or None if this run has none."""
+        i = self.position.get((category, stem))
+        if i is None or not isinstance(seed, int) or not 0 <= seed - self.seed < self.n:
+            return None
+        return i * self.n + seed - self.seed
+
+
+def batches(jobs: Iterable[Job], size: int) -> Iterator[list[Job]]:
+    """Consecutive jobs of one category, at most `size` of them per batch."""
+    batch: list[Job] = []
+    for job in jobs:
+        if batch and (len(batch) == size or job.category != batch[0].category):
+            yield batch
+            batch = []
+        batch.append(job)
+    if batch:
+        yield batch
+
+
+def latest_records(meta: Path) -> dict[str, dict]:
+    """meta.jsonl -> {image: its last record}; torn lines (a kill mid-write) are ignored."""
+    return {record["image"]: record for record in data.read_jsonl(meta) if "image" in record}
+
+
+def meta_is_tidy(meta: Path) -> bool:
+    """meta.jsonl holds exactly one complete line per sample: no torn line, no duplicate (or no file at all)."""
+    if not meta.is_file():
+        return True
+    lines = [line for line in meta.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    return len(lines) == len(latest_records(meta))
+
+
+def compact_meta(meta: Path) -> None:
+    """Rewrite an untidy meta.jsonl atomically with one line per sample (its last), dropping the torn and
+    duplicated lines that a kill or an overlapping run left; a tidy one is not touched."""
+    if not meta_is_tidy(meta):
+        records = latest_records(meta).values()
+        data.save_text("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records), meta)
+
+
+@contextmanager
+def category_locks(out: Path, categories: Iterable[str], rank: int, world: int, create: bool = True):
+    """Advisory locks (fcntl.flock: released when the process ends, kill -9 included) on each output category.
+
+    An unsharded run holds OUT/<category>/.cut.lock exclusively; a shard holds it shared and its own
+    .cut-shard-<i>-of-<n>.lock exclusively. So no two runs write one category at once, except the shards of a
+    split, which never write the same sample. CutError if another run holds one. create=False only probes the
+    locks that exist (before the model loads, so a second run stops at once in the usual case)."""
+    try:
+        import fcntl
+    except ImportError:                                  # no flock (Windows): no protection, as before
+        yield
+        return
+    with ExitStack() as stack:
+        for category in sorted(set(categories)):
+            folder = out / category
+            wanted = [(".cut.lock", fcntl.LOCK_EX if world == 1 else fcntl.LOCK_SH)]
+            if world > 1:
+                wanted.append((f".cut-shard-{rank}-of-{world}.lock", fcntl.LOCK_EX))
+            for name, mode in wanted:
+                if not create and not (folder / name).is_file():
+                    continue
+                folder.mkdir(parents=True, exist_ok=True)
+                handle = stack.enter_context(open(folder / name, "a"))
+                try:
+                    fcntl.flock(handle, mode | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    who = "another run" if world == 1 else f"another run or another shard {rank}/{world}"
+                    raise CutError(f"{who} is writing {folder} now ({folder / name} is locked); wait for it to "
+                                   f"finish, or choose another --out") from None
+        yield
+
+
+def finished_jobs(out: Path, jobs: JobList, mine: range, prompts: dict, same: dict,
+                  settings: CutSettings) -> set[int]:
+    """The jobs of this shard whose image, mask and meta line exist (from the meta records, not a walk over
+    every job). CutError if one was made with other settings or from another normal image of the same name:
+    never mix two settings in one folder, nor skip what was asked for."""
+    finished = set()
+    for category in sorted(set(jobs.categories.values())):
+        prompt, word = prompts[category]
+        for record in latest_records(out / category / "meta.jsonl").values():
+            j = jobs.find(category, Path(str(record.get("source", ""))).stem, record.get("seed"))
+            if j is None or j not in mine:
+                continue
+            job = jobs[j]
+            image_path, mask_file = sample_paths(out, category, folder_name(word), job.source.stem, job.seed)
+            if record["image"] != image_path.relative_to(out / category).as_posix():
+                continue                                 # a sample of another anomaly word
+            if not (image_path.is_file() and mask_file.is_file()):
+                continue
+            if Path(record["source"]).resolve() != job.source.resolve():
+                raise CutError(f"{image_path} was generated from {record['source']}, another image named like "
+                               f"{job.source}; rename one, or choose another --out")
+            changed = [key for key, value in {**same, "prompt": prompt, "word": word}.items()
+                       if record.get(key) != value]
+            P = record.get("attn_res")                   # the grid it used, and its window scaled to that grid
+            if settings.attn_res not in (None, P):
+                changed.append("attn_res")
+            if P is not None and record.get("early_stop_window") != list(early_stop_window(P, settings.early_stop_window)):
+                changed.append("early_stop_window")
+            if changed:
+                raise CutError(f"{image_path} was generated with other settings ({', '.join(changed)}); re-run with "
+                               f"the same flags to resume, or choose another --out")
+            finished.add(j)
+    return finished
+
+
+def image_foreground(image: np.ndarray, args: argparse.Namespace, user_mask: np.ndarray | None,
+                     P: int) -> tuple[np.ndarray, dict]:
+    """Step 3 for one prepared image: --no-mask, --mask or the automatic rule -> ((S, S) 0/1, info as in
+    `foreground_mask`)."""
+    whole = np.ones(image.shape[:2], np.float32)
+    if args.no_mask:
+        return whole, {"rule": "whole image (--no-mask)", "coverage": 1.0, "warning": None}
+    if user_mask is not None:
+        return user_mask, {"rule": "--mask", "coverage": round(float(user_mask.mean()), 4), "warning": None}
+    mask, info = foreground_mask(image)
+    if info["warning"] is None and downsample_mask(torch.from_numpy(mask), P).sum() == 0:
+        return whole, {"rule": "whole image: object vanishes at the attention resolution", "coverage": 1.0,
+                       "warning": f"foreground mask vanishes at {P}x{P}; using the whole image"}
+    return mask, info
+
+
 def run(args: argparse.Namespace) -> dict:
     """Validate everything, then generate the missing samples of this shard. Returns a summary."""
     started = time.time()
@@ -730,6 +1031,7 @@ def run(args: argparse.Namespace) -> dict:
     attn_res = None if args.attn_res == "auto" else args.attn_res
     if attn_res is not None and not attn_res.isdigit():
         raise CutError(f"--attn-res must be 'auto' or a whole number, got {args.attn_res!r}")
+    data.check_output_folder(args.out, "--out")         # a file or a read-only place: one sentence, before any load
 
     # Inputs: every image must decode before anything is written
     if args.images is not None:
@@ -749,6 +1051,7 @@ def run(args: argparse.Namespace) -> dict:
         if stems.setdefault((category, path.stem), path) != path:
             raise CutError(f"{path} and {stems[(category, path.stem)]} have the same file name stem in category "
                            f"{category!r}; rename one or pass them in separate runs with different --category")
+    sources.sort(key=lambda path: categories[path])    # stable: one category's jobs are contiguous, for --batch
     user_mask = None
     if args.mask is not None:
         user_mask = data.load_mask(args.mask, size=(args.size, args.size))
@@ -768,106 +1071,89 @@ def run(args: argparse.Namespace) -> dict:
         prompt = fill_prompt(args.prompt, category)
         prompts[category] = (prompt, args.word or default_word(prompt))
 
-    jobs = [Job(path, categories[path], args.seed + k, k == 0) for path in sources for k in range(args.n)]
-    mine = data.shard_jobs(jobs, rank, world)
-    done = {}
-    for category in set(categories.values()):
-        done[category] = {record["image"]: record for record in data.read_jsonl(args.out / category / "meta.jsonl")}
+    jobs = JobList(sources, categories, args.n, args.seed)
+    mine = range(rank, len(jobs), world)                # data.shard_jobs' split, without listing the jobs
     # What a finished sample must have been made with to count as done (device and dtype may change on resume)
     same = {"model": args.model, "size": args.size, "steps": settings.steps, "gamma": settings.gamma,
             "guidance": settings.guidance, "lambda": settings.lam, "delta": settings.delta,
             "thresholds": {str(k): v for k, v in settings.thresholds.items()}, "max_iters": settings.max_iters,
             "early_stop_after": settings.early_stop_after,
             "foreground": "none" if args.no_mask else str(args.mask) if args.mask else "otsu"}
-
-    def complete(job: Job) -> bool:
-        prompt, word = prompts[job.category]
-        image_path, mask_file = sample_paths(args.out, job.category, folder_name(word), job.source.stem, job.seed)
-        record = done[job.category].get(image_path.relative_to(args.out / job.category).as_posix())
-        if record is None or not (image_path.is_file() and mask_file.is_file()):
-            return False
-        changed = [key for key, value in {**same, "prompt": prompt, "word": word}.items() if record.get(key) != value]
-        P = record.get("attn_res")                      # the grid it used, and its window scaled to that grid
-        if settings.attn_res not in (None, P):
-            changed.append("attn_res")
-        if P is not None and record.get("early_stop_window") != list(early_stop_window(P, settings.early_stop_window)):
-            changed.append("early_stop_window")
-        if changed:  # never mix samples of two settings in one folder, nor silently skip what was asked for
-            raise CutError(f"{image_path} was generated with other settings ({', '.join(changed)}); re-run with "
-                           f"the same flags to resume, or choose another --out")
-        return True
-
-    pending = [job for job in mine if not complete(job)]
+    metas = [args.out / c / "meta.jsonl" for c in prompts]
+    finished = finished_jobs(args.out, jobs, mine, prompts, same, settings)
+    pending = any(j not in finished for j in mine)      # stops at the first job left to do
+    untidy = world == 1 and not all(meta_is_tidy(meta) for meta in metas)
+    generator = None
     if pending:  # a finished run (a re-run of reproduce.sh, say) does not even load the model
+        with category_locks(args.out, prompts, rank, world, create=False):
+            pass                                        # another run writing here: say so before a model load
         generator = CUT(load_pipeline(args.model, device, dtype), settings)
         if user_mask is not None and downsample_mask(torch.from_numpy(user_mask), generator.P).sum() == 0:
             raise CutError(f"--mask {args.mask} vanishes at the {generator.P}x{generator.P} attention resolution; "
                            f"use a larger region")
         for prompt, word in prompts.values():
             generator.prompt_tokens(prompt, word)       # CutError if absent or too long, before any write
-    for job in mine:                                    # the rank holding an image's first seed copies it
-        normal_copy = args.out / job.category / "train" / "good" / f"{job.source.stem}.png"
-        if job.first and not normal_copy.is_file():
-            data.save_image(data.load_image(job.source), normal_copy)
 
     from tqdm import tqdm
 
     written = 0
-    pending.sort(key=lambda job: job.category)          # stable: a batch takes one category's contiguous jobs
-    progress = tqdm(total=len(pending), desc=f"cut {rank}/{world}" if world > 1 else "cut", unit="sample")
-    prepared = (None, None, None, None)                 # (source, image, foreground, warning) of the last image
-    while pending:
-        category = pending[0].category
-        batch = [job for job in pending[:args.batch] if job.category == category]
-        pending = pending[len(batch):]
-        prompt, word = prompts[category]
-        images, foregrounds, warnings_ = [], [], []
-        for job in batch:
-            if prepared[0] != job.source:  # an image's seeds are adjacent jobs: decode, resize and mask it once
-                image = prepare_image(job.source, args.size)
-                if args.no_mask:
-                    mask, warning = np.ones(image.shape[:2], np.float32), None
-                elif user_mask is not None:
-                    mask, warning = user_mask, None
-                else:
-                    mask, warning = foreground_mask(image)
-                    if warning is None and downsample_mask(torch.from_numpy(mask), generator.P).sum() == 0:
-                        mask = np.ones(image.shape[:2], np.float32)
-                        warning = f"foreground mask vanishes at {generator.P}x{generator.P}; using the whole image"
-                if warning:
-                    tqdm.write(f"{job.source}: {warning}", file=sys.stderr)
-                prepared = (job.source, image, mask, warning)
-            _, image, mask, warning = prepared
-            images.append(image)
-            foregrounds.append(mask)
-            warnings_.append(warning)
-        batch_started = time.time()
-        results = generator.generate(images, foregrounds, [job.seed for job in batch], prompt, word)
-        seconds = (time.time() - batch_started) / len(batch)
-        for job, result, warning in zip(batch, results, warnings_):
-            word_dir = folder_name(word)
-            image_path, mask_file = sample_paths(args.out, category, word_dir, job.source.stem, job.seed)
-            data.save_image(result.image, image_path)
-            data.save_mask(result.mask, mask_file)
-            record = {
-                "image": image_path.relative_to(args.out / category).as_posix(),
-                "mask": mask_file.relative_to(args.out / category).as_posix(),
-                "source": str(job.source), "category": category, "prompt": prompt, "word": word,
-                "seed": job.seed, "label": 1, "device": device, "dtype": str(dtype)[6:], **same,
-                "early_stop_window": list(early_stop_window(generator.P, settings.early_stop_window)),
-                "mask_warning": warning, **result.trace, "seconds": round(seconds, 3),
-            }
-            data.append_jsonl(record, args.out / category / "meta.jsonl")   # last: marks the sample complete
-            written += 1
-            progress.update(1)
-    progress.close()
+    with category_locks(args.out, prompts, rank, world) if pending or untidy else nullcontext():
+        if world == 1:                                  # the exclusive holder tidies what kills and overlaps left
+            for meta in metas:
+                compact_meta(meta)
+        if pending:                                     # another run may have finished jobs while the model loaded
+            finished = finished_jobs(args.out, jobs, mine, prompts, same, settings)
+        for i, source in enumerate(sources):            # the rank holding an image's first seed copies it
+            normal_copy = args.out / categories[source] / "train" / "good" / f"{source.stem}.png"
+            if i * args.n in mine and not normal_copy.is_file():
+                data.save_image(data.load_image(source), normal_copy)
 
-    previews = []
-    if rank == 0:  # one writer; a later run (e.g. the resume after all shards) refreshes a stale one
-        previews = [p for p in (write_preview(args.out, c, args.size) for c in sorted(set(categories.values()))
-                                if preview_is_stale(args.out, c)) if p is not None]
-    return {"written": written, "skipped": len(mine) - written, "jobs": len(jobs), "rank": rank, "world": world,
-            "out": args.out, "previews": previews, "seconds": time.time() - started}
+        todo = (jobs[j] for j in mine if j not in finished)
+        progress = tqdm(total=len(mine) - len(finished), desc=f"cut {rank}/{world}" if world > 1 else "cut",
+                        unit="sample", disable=generator is None)
+        prepared = (None, None, None, None)             # (source, image, foreground, info) of the last image
+        for batch in batches(todo, args.batch):
+            category = batch[0].category
+            prompt, word = prompts[category]
+            images, foregrounds, infos = [], [], []
+            for job in batch:
+                if prepared[0] != job.source:  # an image's seeds are adjacent jobs: decode, resize and mask it once
+                    image = prepare_image(job.source, args.size)
+                    mask, info = image_foreground(image, args, user_mask, generator.P)
+                    if info["warning"]:
+                        tqdm.write(f"{job.source}: {info['warning']}", file=sys.stderr)
+                    prepared = (job.source, image, mask, info)
+                images.append(prepared[1])
+                foregrounds.append(prepared[2])
+                infos.append(prepared[3])
+            batch_started = time.time()
+            results = generator.generate(images, foregrounds, [job.seed for job in batch], prompt, word)
+            seconds = (time.time() - batch_started) / len(batch)
+            for job, result, info in zip(batch, results, infos):
+                image_path, mask_file = sample_paths(args.out, category, folder_name(word), job.source.stem, job.seed)
+                data.save_image(result.image, image_path)
+                data.save_mask(result.mask, mask_file)
+                record = {
+                    "image": image_path.relative_to(args.out / category).as_posix(),
+                    "mask": mask_file.relative_to(args.out / category).as_posix(),
+                    "source": str(job.source), "category": category, "prompt": prompt, "word": word,
+                    "seed": job.seed, "label": 1, "device": device, "dtype": str(dtype)[6:], **same,
+                    "early_stop_window": list(early_stop_window(generator.P, settings.early_stop_window)),
+                    "foreground_rule": info["rule"], "foreground_coverage": info["coverage"],
+                    "mask_warning": info["warning"], **result.trace, "seconds": round(seconds, 3),
+                }
+                data.append_jsonl(record, args.out / category / "meta.jsonl")   # last: marks the sample complete
+                written += 1
+                progress.update(1)
+        progress.close()
+
+        previews = []
+        if rank == 0:  # one writer; a later run (e.g. the resume after all shards) refreshes a stale one
+            previews = [p for p in (write_preview(args.out, c, args.size) for c in sorted(prompts)
+                                    if preview_is_stale(args.out, c)) if p is not None]
+    return {"written": written, "skipped": len(finished),
+            "jobs": len(jobs), "rank": rank, "world": world, "out": args.out, "previews": previews,
+            "seconds": time.time() - started}
 
 
 def main(argv: list[str] | None = None) -> int:

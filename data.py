@@ -192,12 +192,16 @@ def save_json(obj, path) -> None:
 
 def append_jsonl(obj, path) -> None:
     """Append one JSON line. A single small O_APPEND write is atomic on POSIX, so concurrent writers
-    (shards) never interleave, and fsync makes the line survive a crash right after it."""
+    (shards) never interleave, and fsync makes the line survive a crash right after it. After a torn last line
+    the record starts on a line of its own. The mode is a plain open()'s (0666 less the umask)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     line = (json.dumps(obj, separators=(",", ":")) + "\n").encode("utf-8")
-    handle = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    handle = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
     try:
+        size = os.fstat(handle).st_size
+        if size and os.pread(handle, 1, size - 1) != b"\n":
+            line = b"\n" + line  # a torn last line (a kill mid-write) ends here, instead of eating this record
         os.write(handle, line)
         os.fsync(handle)
     finally:

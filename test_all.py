@@ -858,13 +858,80 @@ def cut_cli_args(model, out, *extra):
 
 
 def cut_tree(out: Path) -> dict[str, bytes]:
-    """Every file under out (but meta.jsonl and preview.png) -> its bytes."""
+    """Every output file under out (but meta.jsonl, preview.png and the hidden lock files) -> its bytes."""
     return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*"))
-            if p.is_file() and p.name not in ("meta.jsonl", "preview.png")}
+            if p.is_file() and p.name not in ("meta.jsonl", "preview.png") and not p.name.startswith(".")}
 
 
 def cut_meta(out: Path, category: str = "bottle") -> list[dict]:
     return [{k: v for k, v in r.items() if k != "seconds"} for r in data.read_jsonl(out / category / "meta.jsonl")]
+
+
+def cut_oracle_attention(pipe, z: torch.Tensor, t, cond: torch.Tensor, resolution: int = 16) -> torch.Tensor:
+    """The conditional cross-attention A_t (P, P, 77) at z (1, 4, h, w), recorded by diffusers' own
+    Attend-and-Excite code (its AttentionStore and processors, over the whole UNet forward): an independent
+    reference for cut.py's recorder. z must require grad (A&E stores only then); the result keeps the graph."""
+    from diffusers import StableDiffusionAttendAndExcitePipeline
+    from diffusers.pipelines.deprecated.stable_diffusion_attend_and_excite import \
+        pipeline_stable_diffusion_attend_and_excite as attend_and_excite
+
+    excite = StableDiffusionAttendAndExcitePipeline(**{k: v for k, v in pipe.components.items()
+                                                       if k != "image_encoder"})
+    originals = pipe.unet.attn_processors
+    excite.attention_store = attend_and_excite.AttentionStore((resolution, resolution))
+    excite.register_attention_control()
+    try:
+        pipe.unet(pipe.scheduler.scale_model_input(z, t), t, encoder_hidden_states=cond)
+        return excite.attention_store.aggregate_attention(from_where=("up", "down", "mid"))
+    finally:
+        pipe.unet.set_attn_processor(dict(originals))
+
+
+def cut_oracle_loss(pipe, z, t, cond, token_indices, mask_attn) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 4's L_att = 1 - max(A^j * mask) from the oracle attention (A&E's own recording) -> (loss, A^j (P, P))."""
+    A_t = cut_oracle_attention(pipe, z, t, cond)[None]
+    anomaly_map = cut.anomaly_attention_map(A_t, token_indices, A_t.shape[-1] - 1)[0]   # SD 1.x: tokens 1..75
+    return 1.0 - (anomaly_map * mask_attn).max(), anomaly_map
+
+
+def cut_steer(pipe, gain: float = 5.0):
+    """Sharpen every cross-attention of a tiny random UNet (queries and keys x gain): its attention then depends
+    strongly on the latent, so the optimization has a large, predictable effect, as with trained weights."""
+    from diffusers.models.attention_processor import Attention
+
+    with torch.no_grad():
+        for module in pipe.unet.modules():
+            if isinstance(module, Attention) and module.is_cross_attention:
+                module.to_q.weight.mul_(gain)
+                module.to_k.weight.mul_(gain)
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def cut_steered_pipe(cut_tiny_sd):
+    return cut_steer(cut.load_pipeline(str(cut_tiny_sd), "cpu", torch.float32))
+
+
+def cut_record_steps(generator, monkeypatch) -> list[dict]:
+    """Record, for every denoising step of `generator`, the latent before and after the optimization and the
+    latent, timestep and conditional anomaly map of the denoising step, by wrapping its two methods."""
+    steps, optimize, denoise = [], generator.optimize, generator.denoise
+
+    def recording_optimize(recorder, z, i, *args, **kwargs):
+        out = optimize(recorder, z, i, *args, **kwargs)
+        steps.append({"i": i, "z_before": z.detach().clone(), "z_after": out.detach().clone()})
+        return out
+
+    def recording_denoise(recorder, z_t, t, *args, **kwargs):
+        z_next, anomaly_map = denoise(recorder, z_t, t, *args, **kwargs)
+        if not steps or "map" in steps[-1]:
+            steps.append({})                                # optimize=False: no optimization record
+        steps[-1].update(z_denoised=z_t.detach().clone(), t=t, map=anomaly_map.detach().clone())
+        return z_next, anomaly_map
+
+    monkeypatch.setattr(generator, "optimize", recording_optimize)
+    monkeypatch.setattr(generator, "denoise", recording_denoise)
+    return steps
 
 
 # =========================================================================================================
@@ -885,18 +952,145 @@ def test_otsu_threshold_maximizes_between_class_variance():
     assert cut.otsu_threshold(gray) == best
 
 
-def test_foreground_mask_picks_the_object_whatever_its_polarity_and_falls_back_when_empty():
-    bright_object = cut_object_image()
-    mask, warning = cut.foreground_mask(bright_object)
-    assert warning is None and np.array_equal(mask, cut_object_mask())
-    dark_object = 255 - bright_object                       # dark object on a bright background
-    mask, warning = cut.foreground_mask(dark_object)
-    assert warning is None and np.array_equal(mask, cut_object_mask())
-    mask, warning = cut.foreground_mask(np.full((32, 32, 3), 90, np.uint8))
-    assert np.array_equal(mask, np.ones((32, 32), np.float32)) and "whole image" in warning
+def cut_photo_like(kind: str, size: int = 256, seed: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
+    """A synthetic photo of a texture or an object with sensor noise: (size, size, 3) uint8 and, for objects,
+    the object's true solid region (size, size) bool (None for textures)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size] / size                              # in [0, 1)
+
+    def smooth(cells, amplitude):
+        coarse = rng.normal(0, 1, (cells, cells)).astype(np.float32)
+        return np.asarray(Image.fromarray(coarse, mode="F").resize((size, size), Image.BICUBIC)) * amplitude
+
+    noise = rng.normal(0, 6, (size, size))
+    region = None
+    if kind == "leather":                                               # smooth unimodal surface
+        gray = 120 + smooth(12, 25) + noise
+    elif kind == "carpet":                                              # fine fibres
+        gray = 128 + smooth(48, 30) + 2.5 * noise
+    elif kind == "asphalt":                                             # grain, one class percolates
+        gray = 100 + 4 * noise + smooth(30, 10)
+    elif kind == "wood":                                                # grain stripes across the frame
+        gray = 140 + 30 * np.sin(xx * 57 + smooth(6, 2)) + noise
+    elif kind == "tile":                                                # bright tile with dark speckle
+        gray = 190 + noise
+        for _ in range(150):
+            cy, cx, r = rng.uniform(0, 1, 2).tolist() + [rng.uniform(0.005, 0.015)]
+            gray[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = 60
+    elif kind in ("cookie", "cookie_dark_background_bright"):          # a disc with dark chips and a crack
+        region = (yy - 0.5) ** 2 + (xx - 0.48) ** 2 < 0.33 ** 2
+        gray = 45 + noise
+        gray[region] = 190 + rng.normal(0, 10, region.sum())
+        for _ in range(10):
+            cy, cx = 0.5 + rng.uniform(-0.25, 0.25), 0.48 + rng.uniform(-0.25, 0.25)
+            gray[((yy - cy) ** 2 / 0.02 ** 2 + (xx - cx) ** 2 / 0.035 ** 2 < 1) & region] = 40
+        gray[(np.abs(yy - 0.4 * xx - 0.3) < 0.006) & region] = 50
+        if kind == "cookie_dark_background_bright":
+            gray = 255 - gray                                           # dark object on a bright background
+    elif kind == "metal_nut":                                           # a ring whose centre shows the background
+        r = np.hypot(yy - 0.5, xx - 0.5)
+        region = (r < 0.37) & (r > 0.14)
+        gray = 20 + noise
+        gray[region] = 170 + rng.normal(0, 15, region.sum())
+    elif kind == "transistor":                                          # dark body, legs cut by the bottom border
+        region = np.zeros((size, size), bool)
+        region[int(0.25 * size):int(0.6 * size), int(0.3 * size):int(0.7 * size)] = True
+        for x0 in (0.35, 0.48, 0.61):
+            region[int(0.6 * size):, int(x0 * size):int((x0 + 0.04) * size)] = True
+        gray = 200 + noise
+        gray[region] = 45 + rng.normal(0, 6, region.sum())
+    elif kind == "capsules":                                            # four instances of one product
+        region = np.zeros((size, size), bool)
+        for cy, cx in ((0.3, 0.3), (0.3, 0.7), (0.7, 0.3), (0.7, 0.7)):
+            region |= (yy - cy) ** 2 / 0.08 ** 2 + (xx - cx) ** 2 / 0.17 ** 2 < 1
+        gray = 30 + noise
+        gray[region] = 180 + noise[region]
+    else:
+        raise ValueError(kind)
+    return np.repeat(np.clip(gray, 0, 255).astype(np.uint8)[..., None], 3, axis=2), region
+
+
+def cut_holes(mask: np.ndarray) -> int:
+    """Holes of a 0/1 mask, by scipy (independent of cut.py): background regions not touching the border."""
+    return int((ndimage.binary_fill_holes(mask > 0) & ~(mask > 0)).sum())
+
+
+def cut_corners_are_background(mask: np.ndarray, side: int = 8) -> bool:
+    return all(mask[rows, cols].max() == 0 for rows in (slice(0, side), slice(-side, None))
+               for cols in (slice(0, side), slice(-side, None)))
+
+
+@pytest.mark.parametrize("kind", ["leather", "carpet", "asphalt", "wood", "tile"])
+def test_foreground_of_a_texture_is_the_whole_image(kind, tmp_path):
+    image, _ = cut_photo_like(kind)
+    mask, info = cut.foreground_mask(image)
+    assert mask.mean() >= 0.9 and info["rule"].startswith("texture") and info["warning"] is None
+    plain = cut_otsu_foreground(image)
+    assert 0.03 < plain.mean() < 0.8                          # plain Otsu cuts the surface into an arbitrary part
+    path = tmp_path / f"{kind}.jpg"                           # the same texture as a grayscale JPEG
+    Image.fromarray(image[..., 0], mode="L").save(path, quality=90)
+    assert cut.foreground_mask(cut.prepare_image(path, 256))[0].mean() >= 0.9
+
+
+def test_foreground_of_the_example_circuit_board_is_the_whole_image():
+    board = cut.prepare_image(HERE / "examples/pcb_1.jpg", 512)   # binarised traces that touch every border
+    mask, info = cut.foreground_mask(board)
+    assert mask.mean() >= 0.9 and info["rule"] == "texture: a pattern cut by the border"
+    assert cut_otsu_foreground(board).mean() < 0.2            # plain Otsu: the traces alone, 14% of the board
+
+
+@pytest.mark.parametrize("kind", ["cookie", "cookie_dark_background_bright", "transistor", "capsules"])
+def test_foreground_of_an_object_is_solid_with_dark_details_filled_and_background_out(kind, tmp_path):
+    image, region = cut_photo_like(kind)
+    mask, info = cut.foreground_mask(image)
+    assert info["rule"] == "object" and info["coverage"] == pytest.approx(mask.mean(), abs=1e-4)
+    assert cut_holes(mask) == 0 and cut_corners_are_background(mask)
+    iou = (mask.astype(bool) & region).sum() / (mask.astype(bool) | region).sum()
+    assert iou > 0.95, iou                                    # the true solid object, chips and crack included
+    if kind.startswith("cookie"):
+        assert cut_holes(cut_otsu_foreground(image)) > 0.01 * region.sum()   # what the solid rule repairs
+    path = tmp_path / "object16.png"                          # the same photo as a 16-bit grayscale file
+    Image.fromarray(image[..., 0].astype(np.uint16) * 257).save(path)
+    assert Image.open(path).mode.startswith("I")
+    np.testing.assert_array_equal(cut.foreground_mask(cut.prepare_image(path, 256))[0], mask)
+
+
+def test_foreground_of_a_metal_nut_keeps_the_hole_that_shows_the_background():
+    image, region = cut_photo_like("metal_nut")
+    mask, info = cut.foreground_mask(image)
+    hole = ndimage.binary_fill_holes(region) & ~region          # the true opening in the middle
+    assert info["rule"] == "object" and cut_corners_are_background(mask)
+    assert mask[hole].max() == 0 and cut_holes(mask) == pytest.approx(hole.sum(), rel=0.05)
+    assert (mask.astype(bool) & region).sum() / (mask.astype(bool) | region).sum() > 0.95
+
+
+@pytest.mark.parametrize("name", ["cookie_1.png", "cookie_2.png"])
+def test_foreground_of_the_example_cookies_is_the_solid_cookie_off_the_tray(name):
+    image = cut.prepare_image(HERE / "examples" / name, 512)
+    mask, info = cut.foreground_mask(image)
+    assert info["rule"] == "object" and 0.25 < info["coverage"] < 0.35
+    assert cut_holes(mask) == 0 and cut_corners_are_background(mask)
+    assert mask[:12].max() == 0                                 # the tray's bright rim along the top is left out
+    labels, n = ndimage.label(mask)
+    assert n == 1                                               # one cookie
+    plain = cut_otsu_foreground(image)
+    assert cut_holes(plain) > 500                               # plain Otsu: chips and cracks are holes
+
+
+def test_foreground_of_a_flat_or_nearly_empty_image_falls_back_to_the_whole_image_with_a_warning():
+    mask, info = cut.foreground_mask(np.full((32, 32, 3), 90, np.uint8))
+    assert np.array_equal(mask, np.ones((32, 32), np.float32)) and "whole image" in info["warning"]
     tiny = np.zeros((100, 100, 3), np.uint8)
-    tiny[50, 50] = 255                                       # 0.01% foreground
-    assert "whole image" in cut.foreground_mask(tiny)[1]
+    tiny[50, 50] = 255                                          # 0.01% foreground
+    assert "whole image" in cut.foreground_mask(tiny)[1]["warning"]
+
+
+def cut_otsu_foreground(image: np.ndarray) -> np.ndarray:
+    """Plain Otsu with border polarity, what cut.py did before its rule: the non-background side, 0/1."""
+    gray = (image[..., :3].astype(np.float64) @ [0.299, 0.587, 0.114]).round().astype(np.uint8)
+    above = gray > cut.otsu_threshold(gray)
+    border = np.concatenate([above[0], above[-1], above[:, 0], above[:, -1]])
+    return (~above if border.mean() > 0.5 else above).astype(np.float32)
 
 
 def test_downsample_mask_is_area_average_above_half():
@@ -918,20 +1112,43 @@ def test_word_tokens_cover_all_sub_tokens_and_bad_prompts_are_errors(cut_pipe):
         cut.word_token_indices(tokenizer, "a photo " * 40 + "damaged", "damaged")
 
 
-def test_eq3_drops_start_token_softmaxes_words_smooths_and_takes_max_over_sub_tokens():
-    torch.manual_seed(0)
-    A_t = torch.rand(2, 4, 4, 8).softmax(-1)                 # (B, P, P, N), end token at 6
-    out = cut.anomaly_attention_map(A_t, [3, 4], end_index=6)
-    text = torch.softmax(100 * A_t[..., 1:6], dim=-1)        # independent: tokens 1..5
-    x = torch.arange(3.0) - 1
-    g = torch.exp(-x ** 2 / (2 * 0.25))
-    kernel = torch.outer(g, g) / torch.outer(g, g).sum()
-    expected = []
-    for j in (2, 3):                                         # token 3, 4 -> columns 2, 3 after dropping start
-        maps = torch.nn.functional.pad(text[..., j][:, None], (1, 1, 1, 1), mode="reflect")
-        expected.append(torch.nn.functional.conv2d(maps, kernel[None, None])[:, 0])
-    assert out.shape == (2, 4, 4)
-    assert torch.allclose(out, torch.maximum(*expected), atol=1e-6)
+def test_eq3_equals_diffusers_attend_and_excite_smoothing_and_max_per_token(monkeypatch):
+    from diffusers import StableDiffusionAttendAndExcitePipeline
+    from diffusers.pipelines.deprecated.stable_diffusion_attend_and_excite import \
+        pipeline_stable_diffusion_attend_and_excite as attend_and_excite
+
+    smoothed_by_diffusers = []
+    forward = attend_and_excite.GaussianSmoothing.forward
+
+    def recording_forward(self, input):                     # the smoothed map A&E takes the max of
+        output = forward(self, input)
+        smoothed_by_diffusers.append(output[0, 0].clone())
+        return output
+
+    monkeypatch.setattr(attend_and_excite.GaussianSmoothing, "forward", recording_forward)
+    generator = torch.Generator().manual_seed(0)
+    A_t = (3 * torch.rand(2, 16, 16, 77, generator=generator)).softmax(-1)   # (B, P, P, N), sums to 1 over N
+    indices = [5, 6, 7]
+    for softmax_end, sliced in ((76, A_t), (9, A_t[..., :10])):   # SD 1.x: tokens 1..75; SD 2.x: up to the end
+        ours = cut.token_attention_maps(A_t, indices, softmax_end)                 # (B, J, P, P)
+        for b in range(2):
+            smoothed_by_diffusers.clear()                    # SD 2.x: A&E's normalize_eot = slice before the end
+            maxima = StableDiffusionAttendAndExcitePipeline._compute_max_attention_per_index(
+                sliced[b].clone(), indices)
+            torch.testing.assert_close(ours[b], torch.stack(smoothed_by_diffusers), atol=1e-6, rtol=0)
+            torch.testing.assert_close(ours[b].flatten(1).amax(1), torch.stack(maxima), atol=1e-6, rtol=0)
+        torch.testing.assert_close(cut.anomaly_attention_map(A_t, indices, softmax_end), ours.amax(dim=1))
+    assert cut.gaussian_kernel()[1, 1] == pytest.approx((1 + 2 / math.e) ** -2)   # A&E's, not exp(-d^2 / 2s^2)
+
+
+def test_eq3_softmax_range_follows_the_tokenizer_as_attend_and_excite_does(cut_pipe):
+    tokenizer = cut_pipe.tokenizer                           # SD 1.x: pads with <|endoftext|>
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id
+    assert cut.text_softmax_end(tokenizer, 9, 77) == 76       # positions 1..75: end token and padding included
+    sd2 = type("SD2Tokenizer", (), {"pad_token_id": 0, "eos_token_id": 49407})()   # SD 2.x pads with "!"
+    assert cut.text_softmax_end(sd2, 9, 77) == 8              # positions 1..7: the prompt's words only
+    trace = cut_generate(cut_generator(cut_pipe, optimize=False))[0].trace
+    assert trace["softmax_tokens"] == [1, 75]
 
 
 def test_eq5_step_size_and_localized_pixels():
@@ -1001,32 +1218,121 @@ def test_recording_processors_are_restored_after_an_error(cut_pipe):
     assert all(unet.attn_processors[n] is p for n, p in before.items())
 
 
-def test_attention_optimization_raises_masked_max_at_every_optimized_step(cut_pipe):
-    optimized = cut_generate(cut_generator(cut_pipe))[0].trace
-    plain = cut_generate(cut_generator(cut_pipe, optimize=False))[0].trace
-    steps = [i for i, count in enumerate(optimized["iterations"]) if count > 0]
-    assert len(steps) >= 3 and plain["iterations"] == []
-    for i in steps:
-        assert optimized["masked_max"][i] > plain["masked_max"][i], i
-
-
-def test_latent_update_moves_the_latent_only_inside_the_latent_mask(cut_pipe):
+def test_recorded_attention_and_its_map_equal_diffusers_attend_and_excite_recording(cut_pipe):
     generator = cut_generator(cut_pipe)
     prompt = cut.fill_prompt(CUT_PROMPT, "bottle")
     ids, indices = generator.prompt_tokens(prompt, "damaged")
     cond = generator.encode_text(prompt)
-    mask_latent = cut.downsample_mask(torch.from_numpy(cut_object_mask()), generator.latent_size)[None, None]
-    mask_attn = cut.downsample_mask(torch.from_numpy(cut_object_mask()), generator.P)[None]
-    z = torch.randn(1, 4, generator.latent_size, generator.latent_size, generator=torch.Generator().manual_seed(0))
-    with cut.recording_attention(generator.unet, generator.layer_names, generator.P) as recorder:
-        z_leaf = z.clone().requires_grad_(True)
-        anomaly_map = generator.attention_forward(recorder, z_leaf, 500, cond, indices, len(ids) - 1)
-        grad = torch.autograd.grad(cut.attention_loss(anomaly_map, mask_attn).sum(), z_leaf)[0]
-    z_new = cut.latent_update(z, grad, torch.tensor([10.0]), mask_latent)
-    moved = (z_new != z).any(dim=1)[0]                       # (h, w)
-    assert grad.abs()[0][:, mask_latent[0, 0] == 0].sum() > 0   # the raw gradient reaches outside the mask ...
-    assert not moved[mask_latent[0, 0] == 0].any()           # ... but the update does not
-    assert moved[mask_latent[0, 0] == 1].float().mean() > 0.9
+    t = generator.timesteps()[0]
+    z = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    expected = cut_oracle_attention(cut_pipe, z, t, cond)                     # (P, P, 77), whole UNet forward
+    with cut.recording_attention(cut_pipe.unet, generator.layer_names, generator.P) as recorder:
+        anomaly_map = generator.attention_forward(recorder, z, t, cond, indices, 76)   # stops at the last layer
+        with torch.no_grad():
+            cut_pipe.unet(cut_pipe.scheduler.scale_model_input(z, t), t, encoder_hidden_states=cond)
+        torch.testing.assert_close(recorder.pop()[0], expected.detach(), atol=1e-7, rtol=1e-5)
+    torch.testing.assert_close(anomaly_map, cut.anomaly_attention_map(expected[None], indices, 76), atol=1e-7,
+                               rtol=1e-5)
+
+
+def test_generation_without_optimization_equals_diffusers_img2img(cut_pipe, monkeypatch):
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    # gamma 0.29 of 20 steps: diffusers runs int(5.8) = 5 denoising steps (round would give 6)
+    generator = cut_generator(cut_pipe, optimize=False, steps=20, gamma=0.29, guidance=7.5)
+    latents, decode = [], cut_pipe.vae.decode
+
+    def recording_decode(z, *args, **kwargs):
+        latents.append(z.detach().clone())
+        return decode(z, *args, **kwargs)
+
+    monkeypatch.setattr(cut_pipe.vae, "decode", recording_decode)
+    image = cut_object_image()
+    result = generator.generate([image], [cut_object_mask()], [3], cut.fill_prompt(CUT_PROMPT, "bottle"), "damaged")[0]
+    assert len(result.trace["masked_max"]) == 5
+    img2img = StableDiffusionImg2ImgPipeline(**{k: v for k, v in cut_pipe.components.items() if k != "image_encoder"})
+    img2img.set_progress_bar_config(disable=True)
+    reference = img2img(cut.fill_prompt(CUT_PROMPT, "bottle"), image=Image.fromarray(image), strength=0.29,
+                        num_inference_steps=20, guidance_scale=7.5, generator=torch.Generator().manual_seed(3),
+                        output_type="np").images[0]
+    ours_latent = latents[0] * cut_pipe.vae.config.scaling_factor
+    theirs_latent = latents[-1] * cut_pipe.vae.config.scaling_factor          # img2img decodes through it too
+    torch.testing.assert_close(ours_latent, theirs_latent, atol=1e-5, rtol=1e-5)
+    assert np.abs(result.image.astype(int) - np.round(reference * 255).astype(int)).max() <= 1
+
+
+def cut_half_mask(side: str, size: int = CUT_SIZE) -> np.ndarray:
+    mask = np.zeros((size, size), np.float32)
+    mask[:, :size // 2] = 1
+    return mask if side == "left" else 1 - mask
+
+
+def test_optimization_raises_the_masked_attention_far_above_plain_denoising(cut_steered_pipe):
+    optimized = cut_generate(cut_generator(cut_steered_pipe, early_stop_after=100))[0].trace
+    plain = cut_generate(cut_generator(cut_steered_pipe, optimize=False))[0].trace
+    assert len(optimized["iterations"]) == 10 and min(optimized["iterations"]) >= 1 and plain["iterations"] == []
+    gain = np.array(optimized["masked_max"]) - np.array(plain["masked_max"])
+    assert gain.min() > 0.03 and gain[1:].mean() > 0.15, gain   # a plain run's max(A * mask): 0.06 to 0.25
+
+
+def test_every_update_of_generate_is_eq4_and_eq5_with_an_independent_gradient(cut_steered_pipe, monkeypatch):
+    """Through generate, one update per step: z_after = z_before - alpha_t grad(L_att) * mask_latent, with L_att
+    from diffusers' own attention recording, alpha_t from Eq. 5 on that map, and the latent outside the
+    foreground untouched. The foreground leaves out where the word's attention peaks, so the mask in L_att
+    matters too."""
+    pipe = cut_steered_pipe
+    prompt = cut.fill_prompt(CUT_PROMPT, "bottle")
+    for side in ("left", "right"):
+        generator = cut_generator(pipe, thresholds={}, early_stop_after=100, lam=10.0, delta=0.05)
+        steps = cut_record_steps(generator, monkeypatch)
+        foreground = cut_half_mask(side)
+        trace = generator.generate([cut_object_image()], [foreground], [0], prompt, "damaged")[0].trace
+        ids, indices = generator.prompt_tokens(prompt, "damaged")
+        cond, timesteps = generator.encode_text(prompt), generator.timesteps()
+        mask_attn = cut.downsample_mask(torch.from_numpy(foreground), 16)
+        mask_latent = cut.downsample_mask(torch.from_numpy(foreground), 32)
+        z_0 = steps[0]["z_before"][:1].requires_grad_(True)
+        _, unmasked_map = cut_oracle_loss(pipe, z_0, timesteps[0], cond, indices, torch.ones(16, 16))
+        peak = divmod(int(unmasked_map.argmax()), 16)
+        if mask_attn[peak] == 0:
+            break                                             # the global peak lies outside the foreground
+    else:
+        pytest.fail("the attention peaks inside both halves")
+    K, n_start = len(timesteps), None
+    for step in steps[:4]:
+        i = step["i"]
+        z = step["z_before"][:1].clone().requires_grad_(True)
+        loss, anomaly_map = cut_oracle_loss(pipe, z, timesteps[i], cond, indices, mask_attn)
+        grad = torch.autograd.grad(loss, z)[0]
+        n_t = int((anomaly_map > anomaly_map.mean()).sum())   # Eq. 5's n_t on the independent map
+        n_start = n_t if i == 0 else n_start
+        alpha_t = 10.0 * (1 + 0.05 * (K - i)) * n_t / n_start
+        assert trace["n_t"][i] == n_t and trace["alpha_t"][i] == pytest.approx(alpha_t)
+        assert trace["grad_norm"][i] == [pytest.approx(float(grad.norm()), rel=1e-4)]
+        expected = step["z_before"] - alpha_t * grad * mask_latent
+        torch.testing.assert_close(step["z_after"], expected, atol=1e-5, rtol=1e-4)
+        moved = (step["z_after"] - step["z_before"]).abs().amax(dim=1)[0]        # (32, 32)
+        assert moved[mask_latent == 0].max() == 0             # the background never moves
+        assert (moved[mask_latent == 1] > 0).float().mean() > 0.9 and moved.max() > 1e-3, moved.max()
+
+
+def test_soft_mask_is_the_last_steps_conditional_map_upsampled_normalized_and_masked(cut_steered_pipe, monkeypatch):
+    generator = cut_generator(cut_steered_pipe)
+    steps = cut_record_steps(generator, monkeypatch)
+    result = cut_generate(generator)[0]
+    prompt = cut.fill_prompt(CUT_PROMPT, "bottle")
+    ids, indices = generator.prompt_tokens(prompt, "damaged")
+    cond = generator.encode_text(prompt)
+
+    def expected_mask(step):                                  # from diffusers' recording of that step's latent
+        z = step["z_denoised"][:1].clone().requires_grad_(True)
+        anomaly_map = cut_oracle_loss(cut_steered_pipe, z, step["t"], cond, indices, torch.ones(16, 16))[1]
+        up = vlad_bilinear(anomaly_map.detach().double().numpy()[None], CUT_SIZE)[0]
+        return np.clip(up, 0, None) / up.max() * cut_object_mask()
+
+    assert len(steps) == 10
+    np.testing.assert_allclose(result.mask, expected_mask(steps[-1]), atol=1e-5)
+    assert np.abs(result.mask - expected_mask(steps[0])).max() > 0.05   # not the first step's map
 
 
 def test_alpha_t_follows_eq5_on_a_recorded_trace(cut_pipe):
@@ -1100,7 +1406,7 @@ def cut_normal_folder(tmp_path) -> Path:
 def test_cli_writes_the_mvtec_layout_meta_and_preview(cut_tiny_sd, cut_normal_folder, tmp_path):
     out = tmp_path / "out"
     assert cut.main(["--images", str(cut_normal_folder), *map(str, cut_cli_args(cut_tiny_sd, out, "--n", 2))]) == 0
-    names = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    names = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and p.name[0] != ".")
     assert names == ["bottle/ground_truth/damaged/000_0_mask.png", "bottle/ground_truth/damaged/000_1_mask.png",
                      "bottle/ground_truth/damaged/001_0_mask.png", "bottle/ground_truth/damaged/001_1_mask.png",
                      "bottle/meta.jsonl", "bottle/preview.png",
@@ -1117,9 +1423,15 @@ def test_cli_writes_the_mvtec_layout_meta_and_preview(cut_tiny_sd, cut_normal_fo
     record = meta[0]
     assert record["prompt"] == "a photo of a bottle that is damaged" and record["word"] == "damaged"
     assert record["token_ids"][record["token_indices"][0]] == 13568 and record["steps"] == 20
-    for key in ("n_t", "alpha_t", "iterations", "masked_max", "early_stop_step", "final_masked_max", "seconds",
-                "lambda", "delta", "gamma", "guidance", "thresholds", "max_iters", "attn_res", "mask_warning"):
+    for key in ("n_t", "alpha_t", "iterations", "grad_norm", "masked_max", "early_stop_step", "early_stop_n_t",
+                "skipped_updates", "loss_scale", "softmax_tokens", "final_masked_max", "seconds", "lambda", "delta",
+                "gamma", "guidance", "thresholds", "max_iters", "attn_res", "mask_warning", "foreground_rule",
+                "foreground_coverage"):
         assert key in record
+    assert record["foreground_rule"] == "object" and record["foreground_coverage"] == pytest.approx(0.25, abs=0.02)
+    assert [len(norms) for norms in record["grad_norm"]] == record["iterations"]
+    assert record["skipped_updates"] == 0 and record["loss_scale"] is None     # fp32: no loss scaling
+    assert {p.name for p in (out / "bottle").iterdir() if p.name[0] == "."} == {".cut.lock"}
     assert np.array_equal(np.asarray(data.load_image(out / "bottle/train/good/000.png")),
                           np.asarray(data.load_image(cut_normal_folder / "000.png")))
 
