@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -1333,6 +1334,93 @@ def test_soft_mask_is_the_last_steps_conditional_map_upsampled_normalized_and_ma
     assert len(steps) == 10
     np.testing.assert_allclose(result.mask, expected_mask(steps[-1]), atol=1e-5)
     assert np.abs(result.mask - expected_mask(steps[0])).max() > 0.05   # not the first step's map
+
+
+@pytest.fixture(scope="session")
+def cut_steered_half_pipes(cut_tiny_sd):
+    """The steered tiny pipeline in bf16 and in fp16, on the CPU."""
+    return {dtype: cut_steer(cut.load_pipeline(str(cut_tiny_sd), "cpu", dtype))
+            for dtype in (torch.bfloat16, torch.float16)}
+
+
+def cut_first_gradient(pipe, loss_scale: float) -> tuple[torch.Tensor, float]:
+    """grad(L_att, z_t) at the first denoising step of a fixed latent, as optimize() computes it, and the loss
+    scale it ended at."""
+    generator = cut_generator(pipe)
+    prompt = cut.fill_prompt(CUT_PROMPT, "bottle")
+    ids, indices = generator.prompt_tokens(prompt, "damaged")
+    cond = generator.encode_text(prompt)
+    z = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    mask_attn = cut.downsample_mask(torch.from_numpy(cut_object_mask()), 16)[None]
+    states = [{"loss_scale": loss_scale}]
+    with cut.recording_attention(pipe.unet, generator.layer_names, generator.P) as recorder:
+        _, grad = generator.scaled_gradient(recorder, z, [0], states, generator.timesteps()[0], cond, indices, 76,
+                                            mask_attn)
+    return grad, states[0]["loss_scale"]
+
+
+def cut_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0))
+
+
+def test_fp16_and_bf16_updates_match_fp32_within_2_and_10_percent(cut_steered_pipe, cut_steered_half_pipes):
+    reference, _ = cut_first_gradient(cut_steered_pipe, 1.0)
+    for dtype, tolerance in ((torch.float16, 0.02), (torch.bfloat16, 0.1)):   # 11 and 8 bits of mantissa
+        pipe = cut_steered_half_pipes[dtype]
+        grad, scale = cut_first_gradient(pipe, cut.LOSS_SCALE if dtype == torch.float16 else 1.0)
+        relative = float((grad - reference).norm() / reference.norm())
+        assert grad.dtype == torch.float32 and relative < tolerance and cut_cosine(grad, reference) > 0.995, \
+            (dtype, relative)
+
+
+def test_fp16_loss_scaling_keeps_gradients_that_would_underflow(cut_steered_pipe, cut_steered_half_pipes,
+                                                                monkeypatch):
+    weak = 2.0 ** -20                                          # a loss this small underflows in an fp16 backward
+    monkeypatch.setattr(cut, "attention_loss", lambda m, mask: weak * (1.0 - cut.masked_max(m, mask)))
+    reference, _ = cut_first_gradient(cut_steered_pipe, 1.0)
+    fp16 = cut_steered_half_pipes[torch.float16]
+    scaled, scale = cut_first_gradient(fp16, cut.LOSS_SCALE)
+    unscaled, _ = cut_first_gradient(fp16, 1.0)
+    assert scale == cut.LOSS_SCALE and float((scaled - reference).norm() / reference.norm()) < 0.02
+    assert float((unscaled - reference).norm() / reference.norm()) > 0.5    # without it: mostly lost
+    assert (unscaled == 0).float().mean() > 0.5 > (scaled == 0).float().mean()
+
+
+def test_fp16_overflow_halves_the_loss_scale_and_recomputes_the_gradient(cut_steered_pipe, cut_steered_half_pipes,
+                                                                         monkeypatch):
+    strong = 2.0 ** 12                                         # x the initial 2^16 scale: beyond fp16's 65504
+    monkeypatch.setattr(cut, "attention_loss", lambda m, mask: strong * (1.0 - cut.masked_max(m, mask)))
+    reference, _ = cut_first_gradient(cut_steered_pipe, 1.0)
+    grad, scale = cut_first_gradient(cut_steered_half_pipes[torch.float16], cut.LOSS_SCALE)
+    assert 1.0 <= scale < cut.LOSS_SCALE and grad.isfinite().all()
+    assert float((grad - reference).norm() / reference.norm()) < 0.02
+
+
+def test_a_non_finite_gradient_is_skipped_counted_and_warned_about_once(cut_pipe, monkeypatch):
+    generator = cut_generator(cut_pipe)
+    steps = cut_record_steps(generator, monkeypatch)
+    calls, attention_loss = [], cut.attention_loss
+
+    def poisoned_loss(anomaly_map, mask):                      # the 2nd and 4th gradients are NaN
+        calls.append(1)
+        loss = attention_loss(anomaly_map, mask)
+        return loss * float("nan") if len(calls) in (2, 4) else loss
+
+    monkeypatch.setattr(cut, "attention_loss", poisoned_loss)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trace = cut_generate(generator)[0].trace
+    assert trace["skipped_updates"] == 2
+    assert sum(norm is None for norms in trace["grad_norm"] for norm in norms) == 2
+    assert sum(len(norms) for norms in trace["grad_norm"]) == sum(trace["iterations"])
+    assert all(step["z_after"].isfinite().all() for step in steps if "z_after" in step)
+    assert [str(w.message) for w in caught if "non-finite" in str(w.message)] == [
+        "a non-finite attention gradient was skipped (meta.jsonl counts them in skipped_updates); if this recurs, "
+        "try --dtype bf16 or fp32"]
+    skipped = [(i, k) for i, norms in enumerate(trace["grad_norm"]) for k, norm in enumerate(norms) if norm is None]
+    i, k = skipped[0]
+    if k == 0 and trace["iterations"][i] == 1:                 # that step's only update: the latent did not move
+        assert torch.equal(steps[i]["z_after"], steps[i]["z_before"])
 
 
 def test_alpha_t_follows_eq5_on_a_recorded_trace(cut_pipe):
