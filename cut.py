@@ -479,7 +479,9 @@ def first_sentence(error: Exception, limit: int = 200) -> str:
     """The type and first sentence of an exception's message, for a one-sentence CLI error."""
     text = str(error).strip().splitlines()[0].strip() if str(error).strip() else ""
     text = re.split(r"(?<=[.!?])\s", text, maxsplit=1)[0].rstrip(".")
-    return f"{type(error).__name__}: {text[:limit]}" if text else type(error).__name__
+    if len(text) > limit:
+        text = text[:limit].rsplit(" ", 1)[0] + " ..."
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def load_pipeline(model: str, device: str, dtype: torch.dtype):

@@ -858,6 +858,12 @@ def cut_cli_args(model, out, *extra):
             "--gamma", 0.5, "--thresholds", "0:0.05,5:0.5", "--max-iters", 3, *extra]
 
 
+def cut_quick_args(model, out, *extra):
+    """The CLI with 2 denoising steps per sample: for tests about files, not about the optimization."""
+    return [str(a) for a in ["--prompt", CUT_PROMPT, "--model", model, "--out", out, "--size", CUT_SIZE,
+                             "--steps", 4, "--gamma", 0.5, "--thresholds", "", "--max-iters", 1, *extra]]
+
+
 def cut_tree(out: Path) -> dict[str, bytes]:
     """Every output file under out (but meta.jsonl, preview.png and the hidden lock files) -> its bytes."""
     return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*"))
@@ -1113,6 +1119,7 @@ def test_word_tokens_cover_all_sub_tokens_and_bad_prompts_are_errors(cut_pipe):
         cut.word_token_indices(tokenizer, "a photo " * 40 + "damaged", "damaged")
 
 
+@pytest.mark.filterwarnings("ignore:torch.meshgrid")             # inside diffusers' GaussianSmoothing
 def test_eq3_equals_diffusers_attend_and_excite_smoothing_and_max_per_token(monkeypatch):
     from diffusers import StableDiffusionAttendAndExcitePipeline
     from diffusers.pipelines.deprecated.stable_diffusion_attend_and_excite import \
@@ -1528,7 +1535,7 @@ def test_cli_resumes_an_interrupted_run_to_exactly_the_full_set(cut_tiny_sd, cut
                                                                  monkeypatch, capsys):
     args = ["--images", str(cut_normal_folder), "--n", "2"]
     reference = tmp_path / "reference"
-    assert cut.main(args + list(map(str, cut_cli_args(cut_tiny_sd, reference)))) == 0
+    assert cut.main(args + cut_quick_args(cut_tiny_sd, reference)) == 0
     out = tmp_path / "out"
     real_save_mask, calls = data.save_mask, []
 
@@ -1540,11 +1547,11 @@ def test_cli_resumes_an_interrupted_run_to_exactly_the_full_set(cut_tiny_sd, cut
 
     monkeypatch.setattr(data, "save_mask", interrupt_on_third)
     with pytest.raises(KeyboardInterrupt):
-        cut.main(args + list(map(str, cut_cli_args(cut_tiny_sd, out))))
+        cut.main(args + cut_quick_args(cut_tiny_sd, out))
     monkeypatch.setattr(data, "save_mask", real_save_mask)
     assert len(data.read_jsonl(out / "bottle" / "meta.jsonl")) == 2
     assert not [p for p in out.rglob("*") if ".tmp" in p.name]  # no temporary left behind
-    assert cut.main(args + list(map(str, cut_cli_args(cut_tiny_sd, out)))) == 0
+    assert cut.main(args + cut_quick_args(cut_tiny_sd, out)) == 0
     assert cut_tree(out) == cut_tree(reference)
     meta = cut_meta(out)
     assert len(meta) == 4 and len({m["image"] for m in meta}) == 4
@@ -1552,11 +1559,11 @@ def test_cli_resumes_an_interrupted_run_to_exactly_the_full_set(cut_tiny_sd, cut
     # complete: nothing to do; the model is not even loaded, and no file (the preview included) is rewritten
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
     monkeypatch.setattr(cut, "load_pipeline", lambda *a, **k: pytest.fail("a finished run loaded the model"))
-    assert cut.main(args + list(map(str, cut_cli_args(cut_tiny_sd, out)))) == 0
+    assert cut.main(args + cut_quick_args(cut_tiny_sd, out)) == 0
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
     assert len(data.read_jsonl(out / "bottle" / "meta.jsonl")) == 4
     # the same folder with other settings is refused, not silently skipped or mixed
-    assert cut.main(args + list(map(str, cut_cli_args(cut_tiny_sd, out, "--guidance", 3)))) == 2
+    assert cut.main(args + cut_quick_args(cut_tiny_sd, out, "--guidance", 3)) == 2
     assert "generated with other settings (guidance)" in capsys.readouterr().err
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
 
@@ -1564,19 +1571,20 @@ def test_cli_resumes_an_interrupted_run_to_exactly_the_full_set(cut_tiny_sd, cut
 def test_cli_two_shards_together_equal_one_process(cut_tiny_sd, cut_normal_folder, tmp_path, monkeypatch):
     args = ["--images", str(cut_normal_folder), "--n", "3"]
     single, sharded = tmp_path / "single", tmp_path / "sharded"
-    assert cut.main(args + list(map(str, cut_cli_args(cut_tiny_sd, single)))) == 0
-    assert cut.main(args + ["--shard", "1/2"] + list(map(str, cut_cli_args(cut_tiny_sd, sharded)))) == 0
+    assert cut.main(args + cut_quick_args(cut_tiny_sd, single)) == 0
+    assert cut.main(args + ["--shard", "1/2"] + cut_quick_args(cut_tiny_sd, sharded)) == 0
     monkeypatch.setenv("RANK", "0")                            # rank 0 as torchrun would launch it
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert cut.main(args + list(map(str, cut_cli_args(cut_tiny_sd, sharded)))) == 0
+    assert cut.main(args + cut_quick_args(cut_tiny_sd, sharded)) == 0
     assert cut_tree(sharded) == cut_tree(single)
     key = lambda m: m["image"]  # noqa: E731
     assert sorted(cut_meta(sharded), key=key) == sorted(cut_meta(single), key=key)
 
 
 @pytest.mark.parametrize("case", ["missing image", "corrupt image", "word not in prompt", "prompt too long",
-                                  "empty mask", "unknown model"])
-def test_cli_bad_input_is_one_sentence_exit_2_and_writes_nothing(case, cut_tiny_sd, tmp_path):
+                                  "empty mask", "unknown model", "out is a file", "out below a file",
+                                  "out not writable"])
+def test_cli_bad_input_is_one_sentence_exit_2_and_writes_nothing(case, cut_tiny_sd, tmp_path, capsys):
     image = tmp_path / "bottle.png"
     data.save_image(cut_object_image(), image)
     out = tmp_path / "out"
@@ -1595,27 +1603,40 @@ def test_cli_bad_input_is_one_sentence_exit_2_and_writes_nothing(case, cut_tiny_
         args += ["--mask", tmp_path / "empty.png"]
     elif case == "unknown model":
         args[3] = tmp_path / "no_such_model"
-    result = run_cli("cut.py", *args)
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("cut.py: error: ") and "Traceback" not in result.stderr
+    elif case == "out is a file":
+        out = args[5] = image
+    elif case == "out below a file":
+        out = args[5] = image / "out"
+    elif case == "out not writable":                           # root may write anywhere, but not into /proc
+        out = args[5] = Path("/proc/cut_out")
+    before = sorted(tmp_path.rglob("*"))
+    if case == "missing image":                                # once as a user runs it: the script, no traceback
+        result = run_cli("cut.py", *args)
+        returncode, stderr = result.returncode, result.stderr
+    else:
+        returncode, stderr = cut.main(list(map(str, args))), capsys.readouterr().err
+    assert returncode == 2, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cut.py: error: ") and "Traceback" not in stderr
     assert lines[0].count(". ") == 0                            # one sentence
-    assert not out.exists()
+    assert sorted(tmp_path.rglob("*")) == before                # nothing written anywhere
     if case == "unknown model":
-        assert "could not be loaded" in lines[0] and "--model" in lines[0]
+        assert "could not be loaded" in lines[0] and "--model" in lines[0] and "valid local path" in lines[0]
+    if case.startswith("out"):
+        assert f"--out {out}" in lines[0]
 
 
 def test_cli_records_the_foreground_fallback_warning_and_honours_no_mask(cut_tiny_sd, tmp_path):
     flat = tmp_path / "flat.png"
     data.save_image(np.full((CUT_SIZE, CUT_SIZE, 3), 120, np.uint8), flat)   # Otsu finds no object
     out = tmp_path / "out"
-    assert cut.main(["--image", str(flat), "--category", "bottle", *map(str, cut_cli_args(cut_tiny_sd, out))]) == 0
+    assert cut.main(["--image", str(flat), "--category", "bottle", *cut_quick_args(cut_tiny_sd, out)]) == 0
     record = data.read_jsonl(out / "bottle" / "meta.jsonl")[0]
     assert record["foreground"] == "otsu" and "whole image" in record["mask_warning"]
     image = tmp_path / "object.png"
     data.save_image(cut_object_image(), image)
     assert cut.main(["--image", str(image), "--category", "bottle", "--no-mask",
-                     *map(str, cut_cli_args(cut_tiny_sd, out))]) == 0
+                     *cut_quick_args(cut_tiny_sd, out)]) == 0
     record = [r for r in data.read_jsonl(out / "bottle" / "meta.jsonl") if r["source"] == str(image)][0]
     assert record["foreground"] == "none" and record["mask_warning"] is None
     mask = data.load_mask(out / "bottle" / record["mask"], binarize=False)
@@ -1650,7 +1671,7 @@ def test_batch_over_interleaved_categories_generates_every_job_exactly_once(cut_
         data.save_image(cut_object_image(CUT_SIZE, seed=i), path)
     out = tmp_path / "out"
     images = [arg for path in sources for arg in ("--image", str(path))]
-    assert cut.main(images + ["--batch", "3", *map(str, cut_cli_args(cut_tiny_sd, out))]) == 0
+    assert cut.main(images + ["--batch", "3", *cut_quick_args(cut_tiny_sd, out)]) == 0
     bottle, cable = data.read_jsonl(out / "bottle/meta.jsonl"), data.read_jsonl(out / "cable/meta.jsonl")
     assert sorted(r["image"] for r in bottle) == ["test/damaged/000_0.png", "test/damaged/001_0.png"]
     assert [r["image"] for r in cable] == ["test/damaged/000_0.png"]
@@ -1663,7 +1684,7 @@ def test_gamma_leaving_no_denoising_step_is_one_sentence_and_writes_nothing(cut_
     image = tmp_path / "bottle.png"
     data.save_image(cut_object_image(), image)
     out = tmp_path / "out"
-    args = ["--image", str(image), *map(str, cut_cli_args(cut_tiny_sd, out)), "--gamma", "0.01"]   # round(0.2) = 0
+    args = ["--image", str(image), *map(str, cut_cli_args(cut_tiny_sd, out)), "--gamma", "0.01"]   # int(0.2) = 0
     assert cut.main(args) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("cut.py: error: --gamma 0.01") and ". " not in lines[0]
@@ -1674,7 +1695,7 @@ def test_an_image_given_twice_is_generated_once(cut_tiny_sd, tmp_path):
     image = tmp_path / "bottle.png"
     data.save_image(cut_object_image(), image)
     out = tmp_path / "out"
-    assert cut.main(["--image", str(image), "--image", str(image), *map(str, cut_cli_args(cut_tiny_sd, out))]) == 0
+    assert cut.main(["--image", str(image), "--image", str(image), *cut_quick_args(cut_tiny_sd, out)]) == 0
     meta = data.read_jsonl(out / "bottle/meta.jsonl")
     assert [r["image"] for r in meta] == ["test/damaged/bottle_0.png"]
     assert np.asarray(data.load_image(out / "bottle/test/damaged/bottle_0.png")).shape == (CUT_SIZE, CUT_SIZE, 3)
@@ -1694,6 +1715,168 @@ def test_resume_refuses_another_attention_resolution_or_early_stop_window(cut_ti
         assert cut.main(args + extra) == 2
         assert f"generated with other settings ({name})" in capsys.readouterr().err
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+
+
+def test_cli_refuses_to_write_a_category_another_run_is_writing(cut_tiny_sd, tmp_path, monkeypatch, capsys):
+    import fcntl
+
+    image = tmp_path / "bottle.png"
+    data.save_image(cut_object_image(), image)
+    out = tmp_path / "out"
+    (out / "bottle").mkdir(parents=True)
+    args = ["--image", str(image), *cut_quick_args(cut_tiny_sd, out, "--n", 2)]
+    load_pipeline = cut.load_pipeline
+    monkeypatch.setattr(cut, "load_pipeline", lambda *a, **k: pytest.fail("loaded the model of a refused run"))
+    with open(out / "bottle/.cut.lock", "a") as other_run:        # an unsharded run at work
+        fcntl.flock(other_run, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert cut.main(args) == 2
+        assert "another run is writing" in capsys.readouterr().err
+        assert cut.main(args + ["--shard", "1/2"]) == 2            # nor may a shard
+    monkeypatch.setattr(cut, "load_pipeline", load_pipeline)
+    with open(out / "bottle/.cut.lock", "a") as shard_0, open(out / "bottle/.cut-shard-0-of-2.lock", "a") as own:
+        fcntl.flock(shard_0, fcntl.LOCK_SH | fcntl.LOCK_NB)       # shard 0/2 at work
+        fcntl.flock(own, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert cut.main(args) == 2                                 # an unsharded run would redo its samples
+        assert cut.main(args + ["--shard", "0/2"]) == 2            # the same shard twice
+        assert cut.main(args + ["--shard", "1/2"]) == 0            # the other shard works beside it
+    assert [r["seed"] for r in data.read_jsonl(out / "bottle/meta.jsonl")] == [1]
+    with open(out / "bottle/.cut.lock", "a") as after:             # released when the run ended
+        fcntl.flock(after, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_cli_tidies_duplicated_and_torn_meta_lines_and_regenerates_the_torn_sample(cut_tiny_sd, tmp_path):
+    image = tmp_path / "bottle.png"
+    data.save_image(cut_object_image(), image)
+    out = tmp_path / "out"
+    args = ["--image", str(image), *cut_quick_args(cut_tiny_sd, out, "--n", 3)]
+    assert cut.main(args) == 0
+    meta = out / "bottle/meta.jsonl"
+    lines = meta.read_text().splitlines()
+    original = (out / "bottle/test/damaged/bottle_2.png").read_bytes()
+    # an overlapping run wrote sample 0 twice, and a kill tore sample 2's line in half
+    meta.write_text("\n".join([lines[0], lines[1], lines[0]]) + "\n" + lines[2][:len(lines[2]) // 2])
+    assert len(cut.latest_records(meta)) == 2 and not cut.meta_is_tidy(meta)
+    assert cut.main(args) == 0
+    records = data.read_jsonl(meta)
+    assert len(meta.read_text().splitlines()) == 3 and sorted(r["seed"] for r in records) == [0, 1, 2]
+    assert (out / "bottle/test/damaged/bottle_2.png").read_bytes() == original     # regenerated, identical
+    before = meta.stat().st_mtime_ns
+    assert cut.main(args) == 0 and meta.stat().st_mtime_ns == before               # tidy: not rewritten
+
+
+def test_append_jsonl_after_a_torn_line_starts_a_new_line(tmp_path):
+    path = tmp_path / "log.jsonl"
+    data.append_jsonl({"a": 1}, path)
+    with open(path, "a") as handle:
+        handle.write('{"b": ')                                   # a kill in the middle of a write
+    data.append_jsonl({"c": 3}, path)
+    assert data.read_jsonl(path) == [{"a": 1}, {"c": 3}]
+    assert path.read_text().splitlines() == ['{"a":1}', '{"b": ', '{"c":3}']
+
+
+def test_cli_refuses_a_sample_name_taken_by_another_normal_image(cut_tiny_sd, tmp_path, capsys):
+    first, second = tmp_path / "a/bottle.png", tmp_path / "b/bottle.png"
+    data.save_image(cut_object_image(seed=0), first)
+    data.save_image(cut_object_image(seed=1), second)
+    out = tmp_path / "out"
+    assert cut.main(["--image", str(first), "--category", "bottle", *cut_quick_args(cut_tiny_sd, out)]) == 0
+    before = cut_tree(out)
+    assert cut.main(["--image", str(second), "--category", "bottle", *cut_quick_args(cut_tiny_sd, out)]) == 2
+    assert "another image named like" in capsys.readouterr().err and cut_tree(out) == before
+
+
+def test_cli_starts_at_once_however_large_n_is(cut_tiny_sd, tmp_path, monkeypatch):
+    import tracemalloc
+
+    image = tmp_path / "bottle.png"
+    data.save_image(cut_object_image(), image)
+
+    def first_batch(self, images, foregrounds, seeds, prompt, word):
+        raise KeyboardInterrupt(seeds)                          # stop the run at its first sample
+
+    monkeypatch.setattr(cut.CUT, "generate", first_batch)
+    tracemalloc.start()
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        cut.main(["--image", str(image), *cut_quick_args(cut_tiny_sd, tmp_path / "out", "--n", 10 ** 7)])
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert stopped.value.args == ([0],) and peak < 100 * 2 ** 20, peak   # a list of 10^7 jobs: over 1 GB
+
+
+def test_cli_uses_a_given_mask_file_and_a_chosen_word(cut_tiny_sd, tmp_path):
+    image = tmp_path / "bottle.png"
+    data.save_image(cut_object_image(), image)
+    region = cut_half_mask("left")
+    data.save_mask(region, tmp_path / "region.png")
+    out = tmp_path / "out"
+    prompt = "a photo of a {cls} with a scratch that is damaged"
+    assert cut.main(["--image", str(image), "--mask", str(tmp_path / "region.png"), "--word", "scratch",
+                     *cut_quick_args(cut_tiny_sd, out)[2:], "--prompt", prompt]) == 0
+    record = data.read_jsonl(out / "bottle/meta.jsonl")[0]
+    assert record["word"] == "scratch" and record["image"] == "test/scratch/bottle_0.png"
+    assert record["foreground"] == str(tmp_path / "region.png") and record["foreground_rule"] == "--mask"
+    assert record["foreground_coverage"] == 0.5
+    scratch = cut_pipe_tokenizer_ids(cut_tiny_sd, "scratch")
+    assert [record["token_ids"][i] for i in record["token_indices"]] == scratch
+    soft = data.load_mask(out / "bottle/ground_truth/scratch/bottle_0_mask.png", binarize=False)
+    assert soft[region == 0].max() == 0 and soft[region == 1].max() > 0.5   # y_pix only inside the given mask
+
+
+def cut_pipe_tokenizer_ids(model: Path, word: str) -> list[int]:
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(str(model / "tokenizer"))(word, add_special_tokens=False).input_ids
+
+
+def test_cli_defaults_are_the_papers(capsys):
+    args = cut.build_parser().parse_args(["--image", "x.png", "--prompt", "a photo of a {cls} that is damaged"])
+    assert (args.steps, args.gamma, args.guidance, args.lam, args.max_iters, args.size) == (200, 0.25, 7.5, 10, 20, 512)
+    assert cut.parse_thresholds(args.thresholds) == {0: 0.05, 10: 0.5, 20: 0.8}
+    assert args.early_stop_after == 10 and args.early_stop_window == "10,50" and args.attn_res == "auto"
+    assert args.model == "stable-diffusion-v1-5/stable-diffusion-v1-5" and args.n == 1 and args.delta is None
+    settings = cut.CutSettings()
+    assert settings.delta == 1 / 200 and settings.denoising_steps() == 50
+    with pytest.raises(SystemExit):
+        cut.build_parser().parse_args(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for shown in ("(A.1: 200)", "(A.1: 0.25)", "(7.5)", "lambda (10)", "(0:0.05,10:0.5,20:0.8)", "(20)",
+                  "(default 512)", "(10)"):
+        assert shown in help_text, shown
+
+
+def test_preview_shows_one_row_per_sample_normal_generated_overlay_first_eight(cut_tiny_sd, tmp_path):
+    image = tmp_path / "bottle.png"
+    data.save_image(cut_object_image(), image)
+    out = tmp_path / "out"
+    assert cut.main(["--image", str(image), *cut_quick_args(cut_tiny_sd, out, "--n", 9)]) == 0
+    sheet = np.asarray(Image.open(out / "bottle/preview.png").convert("RGB"))
+    cell, pad, top = 256, 4, 20                                 # data.contact_sheet's layout
+    assert sheet.shape == (top + 8 * (cell + pad) + pad, 3 * (cell + pad) + pad, 3)   # 8 of the 9 samples
+
+    def tile(row, column):
+        y, x = top + pad + row * (cell + pad), pad + column * (cell + pad)
+        return sheet[y:y + cell, x:x + cell].astype(int)
+
+    def resized(array):
+        return np.asarray(Image.fromarray(array).resize((cell, cell))).astype(int)
+
+    normal = np.asarray(data.load_image(out / "bottle/train/good/bottle.png"))
+    for seed in (0, 7):                                          # rows are the samples by seed
+        generated = np.asarray(data.load_image(out / f"bottle/test/damaged/bottle_{seed}.png"))
+        soft = data.load_mask(out / f"bottle/ground_truth/damaged/bottle_{seed}_mask.png", binarize=False)
+        assert np.array_equal(tile(seed, 0), resized(normal))
+        assert np.array_equal(tile(seed, 1), resized(generated))
+        assert np.array_equal(tile(seed, 2), resized(data.overlay(generated, soft)))
+    assert not np.array_equal(tile(0, 1), tile(7, 1))
+
+
+def test_loading_stable_diffusion_prints_no_warning_to_act_on(cut_tiny_sd, capfd):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cut.load_pipeline(str(cut_tiny_sd), "cpu", torch.float32)
+    err = capfd.readouterr().err
+    assert "accelerate" not in err and "low_cpu_mem_usage" not in err
+    assert not [w for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning, UserWarning))]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
