@@ -3,6 +3,8 @@
     python bench.py metrics        exact P-AUC/P-F1/PRO on an MVTec AD-sized case vs sklearn and one np.sort
     python bench.py cut [--full]   one CUT sample vs plain img2img and Attend-and-Excite (tiny SD on CPU;
                                    --full: SD 1.5's topology with random weights, 512x512 fp16, CUDA)
+    python bench.py cut --full --device cpu   SD 1.5's topology in fp32 on the CPU: a few timed steps, and the
+                                   seconds per sample extrapolated from them
     python bench.py vlad           one epoch with and without the token cache; prediction images/s (k = 4)
 
 metrics: 1,725 maps of 256x256 float32 (MVTec AD's test set: 1,258 anomalous images), blob-shaped masks,
@@ -172,7 +174,7 @@ def _cut_bench_child(method: str, folder: str, size: int, device: str, queue) ->
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     pipe = cut.load_pipeline(folder, device, dtype)
     settings = cut.CutSettings(size=size)
-    K = round(settings.gamma * settings.steps)
+    K = settings.denoising_steps()
     rng = np.random.default_rng(0)
     image = np.full((size, size, 3), 25, np.uint8)
     image[size // 4:3 * size // 4, size // 4:3 * size // 4] = 180 + rng.integers(0, 60, (size // 2, size // 2, 3))
@@ -235,6 +237,61 @@ def _cut_bench_child(method: str, folder: str, size: int, device: str, queue) ->
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # MiB, whole process
     trace = getattr(run, "trace", None)
     queue.put((seconds, peak, trace))
+
+
+def bench_cut_full_cpu(plain_steps: int = 2, updates: int = 2) -> None:
+    """SD 1.5's topology (random weights) at 512 x 512 in fp32 on the CPU, one thread: a few steps of each kind,
+    timed, then the seconds per sample extrapolated from them (a whole sample would take hours)."""
+    import cut
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = cut_build_full_sd(Path(tmp) / "sd15_random")
+        pipe = cut.load_pipeline(str(folder), "cpu", torch.float32)
+    generator = cut.CUT(pipe, cut.CutSettings())                      # the paper's defaults: T 200, gamma 0.25
+    K = generator.settings.denoising_steps()
+    size = generator.settings.size
+    rng = np.random.default_rng(0)
+    image = np.full((size, size, 3), 25, np.uint8)
+    image[size // 4:3 * size // 4, size // 4:3 * size // 4] = 180 + rng.integers(0, 60, (size // 2, size // 2, 3))
+    foreground = torch.from_numpy(cut.foreground_mask(image)[0])
+    ids, indices = generator.prompt_tokens(CUT_BENCH_PROMPT, "damaged")
+    softmax_end = cut.text_softmax_end(pipe.tokenizer, len(ids), generator.context)
+    cond, uncond = generator.encode_text(CUT_BENCH_PROMPT), generator.encode_text("")
+    mask_attn = cut.downsample_mask(foreground, generator.P)[None]
+    timesteps = generator.timesteps()
+
+    def timed(function, repeat):
+        started = time.perf_counter()
+        for _ in range(repeat):
+            result = function()
+        return (time.perf_counter() - started) / repeat, result
+
+    encode, z = timed(lambda: generator.encode_images(image[None], [torch.Generator().manual_seed(0)]), 1)
+    states = [{"loss_scale": 1.0}]
+    with cut.recording_attention(pipe.unet, generator.layer_names, generator.P) as recorder:
+        update, _ = timed(lambda: generator.scaled_gradient(recorder, z, [0], states, timesteps[0], cond, indices,
+                                                            softmax_end, mask_attn), updates)
+        step, _ = timed(lambda: generator.denoise(recorder, z, timesteps[0], cond, uncond, indices, softmax_end),
+                        plain_steps)
+    with torch.no_grad():
+        decode, _ = timed(lambda: generator.vae.decode(z / generator.vae.config.scaling_factor), 1)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20    # GiB, whole process
+    fixed = encode + decode
+    s = generator.settings
+    most = K + sum(s.max_iters - 1 for i in s.thresholds if i < K)      # every step, refinements at their cap
+    least = s.early_stop_after                                          # one update a step until the earliest stop
+    best, worst = fixed + K * step + least * update, fixed + K * step + most * update
+    print(f"cut benchmark: SD 1.5 topology, random weights, 512x512, fp32, CPU, 1 thread ({plain_steps} plain steps, "
+          f"{updates} updates timed)")
+    print(f"  VAE encode + decode:            {fixed:8.1f} s")
+    print(f"  one denoising step (CFG, B=2):  {step:8.1f} s")
+    print(f"  one latent update (Eq. 3-5):    {update:8.1f} s  ({update / step:.2f}x a denoising step)")
+    print(f"  one sample, K = {K} steps:        {fixed + K * step:8.0f} s plain img2img")
+    print(f"                                  {best:8.0f} s CUT, early stop at step {least} ({least} updates)")
+    print(f"                                  {worst:8.0f} s CUT, no early stop, refinements at their cap "
+          f"({most} updates)")
+    print(f"  peak memory (process RSS):      {peak:8.1f} GiB")
 
 
 def bench_cut(full: bool = False) -> None:
@@ -335,14 +392,20 @@ def main(argv=None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("metrics", help="metrics.py on an MVTec AD-sized case")
     cut_parser = commands.add_parser("cut", help="one CUT sample vs img2img and Attend-and-Excite")
-    cut_parser.add_argument("--full", action="store_true", help="SD 1.5 topology at 512x512 fp16 on CUDA")
+    cut_parser.add_argument("--full", action="store_true", help="SD 1.5 topology at 512x512 (fp16 on CUDA)")
+    cut_parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                            help="with --full: cuda (the whole comparison) or cpu (a few steps, extrapolated)")
     commands.add_parser("vlad", help="VLAD epoch with/without token cache, prediction speed")
     args = parser.parse_args(argv)
     if args.command == "metrics":
         bench_metrics()
     elif args.command == "cut":
+        if args.full and args.device == "cpu":
+            bench_cut_full_cpu()
+            return 0
         if args.full and not torch.cuda.is_available():
-            print("bench.py: error: --full needs a CUDA GPU", file=sys.stderr)
+            print("bench.py: error: --full needs a CUDA GPU; use --full --device cpu for the CPU figures",
+                  file=sys.stderr)
             return 2
         bench_cut(full=args.full)
     else:
