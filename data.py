@@ -376,26 +376,39 @@ def visa_to_mvtec(source, target, progress: bool = True) -> dict[str, dict[str, 
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _mask_runs(masks: np.ndarray):
-    """masks (N, H, W) bool -> run_row (in the (N*H, W) row stack), run_start, run_end (exclusive), each (R,),
-    in raster order -- the order of `maps[masks]`."""
-    n, height, width = masks.shape
-    rows = masks.reshape(n * height, width)
-    edges = np.diff(rows, axis=1, prepend=False, append=False)  # (N*H, W+1) True where a run starts or ends
-    row, column = np.nonzero(edges)  # raster order: within a row, starts and ends alternate
-    return row[0::2], column[0::2], column[1::2]
+def _mask_runs(masks):
+    """masks: a stack (N, H, W) or a sequence of N masks (H_i, W_i), bool -> run_row (the row's index when the
+    rows of all images are stacked, image after image), run_start, run_end (exclusive), each (R,), in raster
+    order -- the order of `maps[masks]`, image by image -- and is_last_row (total rows,) bool, True on the last
+    row of each image."""
+    rows, starts, ends, heights = [], [], [], []
+    row_offset = 0
+    for mask in masks:  # image by image: as fast as one call on a stack (cache-sized), and sizes may differ
+        edges = np.diff(mask, axis=1, prepend=False, append=False)  # (H_i, W_i + 1) True where a run starts/ends
+        row, column = np.nonzero(edges)  # raster order: within a row, starts and ends alternate
+        rows.append(row[0::2] + row_offset)
+        starts.append(column[0::2])
+        ends.append(column[1::2])
+        heights.append(mask.shape[0])
+        row_offset += mask.shape[0]
+    is_last_row = np.zeros(row_offset, dtype=bool)
+    heights = np.array(heights, dtype=np.int64)
+    is_last_row[(np.cumsum(heights) - 1)[heights > 0]] = True
+    if not rows:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64), is_last_row
+    return np.concatenate(rows), np.concatenate(starts), np.concatenate(ends), is_last_row
 
 
-def _touching_runs(run_row, run_start, run_end, height: int, width: int):
-    """Pairs (a, b) of runs, b in the row below a in the same image, that are 8-connected."""
-    stride = width + 2  # a key row * stride + column orders runs as raster order does
+def _touching_runs(run_row, run_start, run_end, is_last_row, stride: int):
+    """Pairs (a, b) of runs, b in the row below a in the same image, that are 8-connected. stride: more than
+    the widest row (a key row * stride + column then orders runs as raster order does)."""
     start_key = run_row * stride + run_start
     end_key = run_row * stride + run_end
     row_below = (run_row + 1) * stride
     # Run b touches run a when b.end >= a.start and b.start <= a.end (ends exclusive: corners count).
     lo = np.searchsorted(end_key, row_below + run_start, side="left")
     hi = np.searchsorted(start_key, row_below + run_end, side="right")
-    hi = np.where((run_row + 1) % height == 0, lo, hi)  # the last row of an image touches nothing below
+    hi = np.where(is_last_row[run_row], lo, hi)  # the last row of an image touches nothing below
     count = np.maximum(hi - lo, 0)
     a = np.repeat(np.arange(len(run_row)), count)
     b = np.repeat(lo, count) + np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count)
@@ -422,12 +435,13 @@ def _union_find(n_nodes: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
             parent = grandparent
 
 
-def regions_of_runs(masks: np.ndarray):
-    """masks (N, H, W) bool -> region id of each run (R,) numbered 0.. in raster order, run lengths (R,),
-    number of regions."""
-    n, height, width = masks.shape
-    run_row, run_start, run_end = _mask_runs(masks)
-    root = _union_find(len(run_row), *_touching_runs(run_row, run_start, run_end, height, width))
+def regions_of_runs(masks):
+    """masks: a stack (N, H, W) or a sequence of N masks (H_i, W_i) of any sizes, bool -> region id of each run
+    (R,) numbered 0.. in raster order (image by image), run lengths (R,), number of regions. Regions never
+    cross from one image into the next."""
+    run_row, run_start, run_end, is_last_row = _mask_runs(masks)
+    stride = max((mask.shape[1] for mask in masks), default=0) + 2
+    root = _union_find(len(run_row), *_touching_runs(run_row, run_start, run_end, is_last_row, stride))
     _, region = np.unique(root, return_inverse=True)
     return region, run_end - run_start, int(region.max()) + 1 if len(region) else 0
 
