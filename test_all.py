@@ -336,15 +336,17 @@ def metrics_reference_trapezoid(x, y, x_max):
 
 def metrics_reference_au_pro(maps, masks, fpr_limit=0.3):
     """MVTec AD protocol, written plainly: 8-connected regions by scipy, every distinct score a threshold,
-    FPR over all normal pixels of all images, PRO = mean over all regions of all images."""
-    maps, masks = np.asarray(maps, dtype=np.float64), np.asarray(masks) > 0.5
+    FPR over all normal pixels of all images, PRO = mean over all regions of all images. maps and masks: a
+    stack (N, H, W) or N images (H_i, W_i) of any sizes."""
+    maps = [np.asarray(m, dtype=np.float64) for m in maps]
+    masks = [np.asarray(m) > 0.5 for m in masks]
     region_scores = []
     for anomaly_map, mask in zip(maps, masks):
         labelled, n = ndimage.label(mask, structure=np.ones((3, 3)))
         region_scores += [anomaly_map[labelled == r] for r in range(1, n + 1)]
-    normal = maps[~masks]
+    normal = np.concatenate([m[~k] for m, k in zip(maps, masks)])
     fprs, pros = [0.0], [0.0]
-    for threshold in np.unique(maps)[::-1]:
+    for threshold in np.unique(np.concatenate([m.ravel() for m in maps]))[::-1]:
         fprs.append(float(np.mean(normal >= threshold)))
         pros.append(float(np.mean([np.mean(scores >= threshold) for scores in region_scores])))
     fprs.append(1.0)
@@ -556,6 +558,47 @@ def test_evaluate_category_returns_the_five_numbers_of_the_references():
     assert result["PRO"] == pytest.approx(metrics_reference_au_pro(maps, masks), abs=1e-6)
 
 
+def metrics_images_of_mixed_sizes(seed: int = 0):
+    """Maps and masks of 3 to 5 sizes, in a list, the first image normal, each mask of one kind of
+    metrics_random_masks (noise, diagonal chains, blobs), scores with ties."""
+    rng = np.random.default_rng(seed)
+    sizes = [(12, 14), (7, 19), (20, 6), (12, 14), (1, 9), (15, 15), (9, 1)]
+    maps, masks = [], []
+    for i, (height, width) in enumerate(sizes):
+        mask = metrics_random_masks(rng, 2, height, width, ("noise", "diagonal", "blobs")[i % 3])[1]
+        masks.append(mask if i else np.zeros_like(mask))
+        maps.append(metrics_random_maps(rng, mask[None], 20)[0])
+    return maps, masks
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_pixel_metrics_of_images_of_different_sizes_match_the_references_on_pooled_pixels(seed):
+    maps, masks = metrics_images_of_mixed_sizes(seed)
+    pixels = np.concatenate([m.ravel() for m in maps])  # the protocol pools the pixels of all images
+    labels = np.concatenate([k.ravel() for k in masks])
+    result = metrics.pixel_metrics(maps, masks)
+    assert result["P-AUC"] == pytest.approx(roc_auc_score(labels, pixels), abs=1e-12)
+    assert result["P-F1"] == pytest.approx(metrics_reference_max_f1(pixels, labels), abs=1e-12)
+    assert result["PRO"] == pytest.approx(metrics_reference_au_pro(maps, masks), abs=1e-9)  # regions per image
+    assert metrics.au_pro(maps, masks) == result["PRO"]
+    scores, image_labels = np.array([m.max() for m in maps]), np.array([int(k.any()) for k in masks])
+    assert metrics.evaluate_category(scores, image_labels, maps, masks) == {
+        **metrics.image_metrics(scores, image_labels), **result}
+
+
+def test_pixel_metrics_of_a_list_equal_those_of_the_stack_and_name_the_image_whose_sizes_differ():
+    rng = np.random.default_rng(4)
+    masks = metrics_random_masks(rng, 6, 11, 13, "noise")
+    maps = metrics_random_maps(rng, masks, 50)
+    assert metrics.pixel_metrics(list(maps), list(masks)) == metrics.pixel_metrics(maps, masks)
+    bad_masks = list(masks)
+    bad_masks[3] = masks[3][:, :-1]
+    with pytest.raises(ValueError, match=r"image 3: map \(11, 13\) and mask \(11, 12\)"):
+        metrics.pixel_metrics(list(maps), bad_masks)
+    with pytest.raises(ValueError, match="6 maps but 5 masks"):
+        metrics.pixel_metrics(list(maps), list(masks)[:5])
+
+
 # --- CLI ----------------------------------------------------------------------------------------------------
 
 
@@ -608,7 +651,8 @@ def test_cli_prints_the_table_and_writes_json_equal_to_the_functions(tmp_path):
         for m in metrics.METRICS:
             assert written["categories"][category][m] == pytest.approx(expected[category][m], abs=1e-12)
     assert written["mean"]["PRO"] == pytest.approx((expected["widget"]["PRO"] + expected["gadget"]["PRO"]) / 2)
-    assert written["info"]["widget"] == {"images": 8, "anomalous": 5, "map_size": [16, 16], "masks_resized": 0}
+    assert written["info"]["widget"] == {"images": 8, "anomalous": 5, "map_size": [16, 16], "map_sizes": [[16, 16]],
+                                         "masks_resized": 0, "first_mask_resized": None}
     assert "resized" not in result.stdout
 
 
@@ -616,7 +660,8 @@ def test_cli_resizes_masks_to_the_map_size_and_says_so(tmp_path):
     gt, pred, expected = metrics_write_trees(tmp_path, categories=("widget",), size=8, mask_size=16)
     result = run_cli("metrics.py", "--pred", pred, "--gt", gt, "--json", tmp_path / "run.json")
     assert result.returncode == 0, result.stderr
-    assert "widget: 5 ground-truth masks resized to the map size 8x8 (nearest neighbour)" in result.stdout
+    assert (f"widget: 5 ground-truth masks resized to the size of their map (nearest neighbour), e.g. "
+            f"{data.mask_path(gt, 'widget', 'crack', '000')} 16x16 -> 000.tiff 8x8.") in result.stdout
     written = json.loads((tmp_path / "run.json").read_text())
     assert written["info"]["widget"]["masks_resized"] == 5
     assert written["categories"]["widget"]["PRO"] == pytest.approx(expected["widget"]["PRO"], abs=1e-12)
@@ -708,10 +753,46 @@ def test_cli_rejects_nan_in_a_map_and_in_scores_csv(tmp_path):
     metrics_assert_bad_input(run_cli("metrics.py", "--pred", pred, "--gt", gt), "scores.csv, line 3", "finite")
 
 
-def test_cli_rejects_maps_of_different_sizes_in_one_category(tmp_path):
+def test_cli_scores_a_category_of_three_image_sizes_as_the_references_do(tmp_path, capsys):
     gt, pred, _ = metrics_write_trees(tmp_path, categories=("widget",))
-    data.save_tiff(np.zeros((12, 16)), pred / "widget" / "test" / "crack" / "002.tiff")
-    metrics_assert_bad_input(run_cli("metrics.py", "--pred", pred, "--gt", gt), "crack/002.tiff", "16x12", "one size")
+    rng = np.random.default_rng(9)
+    # good/000 (the first map, which a one-size check would take as the size of all) and hole/000 differ.
+    for defect, stem, (height, width) in (("good", "000", (10, 14)), ("hole", "000", (12, 20))):
+        data.save_image(rng.integers(0, 255, (height, width, 3), dtype=np.uint8),
+                        gt / "widget/test" / defect / f"{stem}.png")
+        mask = np.zeros((height, width))
+        if defect == "hole":
+            mask[3:8, 5:9] = 1
+            mask[9:, 15] = 1
+            data.save_mask(mask, data.mask_path(gt, "widget", defect, stem))
+        data.save_tiff(rng.random((height, width)) + 0.5 * mask, pred / "widget/test" / defect / f"{stem}.tiff")
+    # crack/001's mask at twice its map's size: resized to the map by nearest neighbour, and named in a note.
+    crack_mask = data.load_mask(data.mask_path(gt, "widget", "crack", "001")) > 0.5
+    data.save_mask(np.kron(crack_mask, np.ones((2, 2))), data.mask_path(gt, "widget", "crack", "001"))
+
+    assert metrics.main(["--pred", str(pred), "--gt", str(gt), "--json", str(tmp_path / "run.json")]) == 0
+    out = capsys.readouterr().out
+    assert "widget: maps of 3 sizes (14x10, 16x16, 20x12)" in out
+    assert f"widget: 1 ground-truth masks resized to the size of their map (nearest neighbour), e.g. " \
+           f"{data.mask_path(gt, 'widget', 'crack', '001')} 32x32 -> 001.tiff 16x16." in out
+    written = json.loads((tmp_path / "run.json").read_text())
+    assert written["info"]["widget"]["map_size"] is None
+    assert written["info"]["widget"]["map_sizes"] == [[14, 10], [16, 16], [20, 12]]
+
+    samples = data.read_split(gt, "widget", "test")
+    maps = [data.load_tiff(pred / "widget" / data.prediction_path(s)) for s in samples]
+    masks = [np.zeros(m.shape, bool) if s.mask is None else
+             crack_mask if s.mask == data.mask_path(gt, "widget", "crack", "001") else data.load_mask(s.mask) > 0.5
+             for s, m in zip(samples, maps)]
+    assert [m.shape for m in masks] == [m.shape for m in maps]
+    pixels, labels = np.concatenate([m.ravel() for m in maps]), np.concatenate([k.ravel() for k in masks])
+    scores = metrics.read_scores_csv(pred / "widget/scores.csv")
+    image_scores = [scores[data.prediction_path(s)] for s in samples]
+    reference = {"I-AUC": roc_auc_score([s.label for s in samples], image_scores),
+                 "P-AUC": roc_auc_score(labels, pixels), "P-F1": metrics_reference_max_f1(pixels, labels),
+                 "PRO": metrics_reference_au_pro(maps, masks)}
+    for metric, value in reference.items():
+        assert written["categories"]["widget"][metric] == pytest.approx(value, abs=1e-9), metric
 
 
 def test_cli_rejects_a_category_missing_from_the_ground_truth(tmp_path):
