@@ -408,16 +408,47 @@ def _mean_std(values: list) -> dict:
     return {"mean": float(np.mean(values)), "std": std, "n": len(values)}
 
 
+def _summary_cells(summary: dict) -> list[dict]:
+    return [row[m] for row in list(summary["categories"].values()) + [summary["mean"]] for m in METRICS]
+
+
 def format_summary(summary: dict) -> str:
+    """The mean ± std table, in %. A cell averaged over fewer runs than the most any cell has is marked (n=k):
+    the other runs have no value there (null: one class only)."""
     rows = list(summary["categories"].items()) + [("mean", summary["mean"])]
+    most = max(cell["n"] for cell in _summary_cells(summary))
     width = max(len("category"), *(len(name) for name, _ in rows))
     cells = {name: [("n/a" if row[m]["mean"] is None else
-                     f"{100 * row[m]['mean']:.1f} ± {100 * row[m]['std']:.1f}") for m in METRICS]
+                     f"{100 * row[m]['mean']:.1f} ± {100 * row[m]['std']:.1f}"
+                     + (f" (n={row[m]['n']})" if row[m]["n"] < most else "")) for m in METRICS]
              for name, row in rows}
     column = max(12, *(len(c) + 2 for values in cells.values() for c in values))
     lines = [f"{'category':<{width}}" + "".join(f"{m:>{column}}" for m in METRICS)]
     lines += [f"{name:<{width}}" + "".join(f"{c:>{column}}" for c in cells[name]) for name, _ in rows]
     return "\n".join(lines)
+
+
+def runs_without_values(paths: list, runs: list[dict]) -> list[str]:
+    """The files among `paths` whose every value is null: they count in no cell of the summary."""
+    return [str(path) for path, run in zip(paths, runs) if not any(
+        row[m] is not None for row in list(run["categories"].values()) + [run["mean"]] for m in METRICS)]
+
+
+def summary_footer(summary: dict, paths: list, runs: list[dict]) -> str:
+    """What the numbers of the table average over: the number of runs that have values, never the number of
+    files given, and which files have no value at all (left out of every cell)."""
+    counts = sorted({cell["n"] for cell in _summary_cells(summary) if cell["n"]})
+    if not counts:
+        footer = "no run has a defined value (every value is null)"
+    elif len(counts) == 1:
+        footer = f"mean ± sample std over {counts[0]} run{'s' if counts[0] > 1 else ''}"
+    else:
+        footer = (f"mean ± sample std over {counts[-1]} runs; a cell marked (n=k) averages k runs, the others "
+                  f"have no value there")
+    empty = runs_without_values(paths, runs)
+    if empty and counts:
+        footer += f"; left out, every value null: {', '.join(empty)}"
+    return footer
 
 
 def load_run(path: Path) -> dict:
@@ -433,6 +464,10 @@ def load_run(path: Path) -> dict:
     if not ok or not all(isinstance(r, dict) and all(m in r for m in METRICS) for r in rows):
         raise data.DataError(f"{path}: not a JSON file written by metrics.py --json (needs 'categories' and "
                              f"'mean' with {', '.join(METRICS)}).")
+    if not all(r[m] is None or (isinstance(r[m], (int, float)) and not isinstance(r[m], bool)
+                                and math.isfinite(r[m])) for r in rows for m in METRICS):
+        raise data.DataError(f"{path}: not a JSON file written by metrics.py --json (every metric must be a "
+                             f"number or null).")
     return run
 
 
@@ -487,8 +522,28 @@ def run_evaluation(args) -> None:
         print(f"wrote {args.json}")
 
 
+def check_distinct_runs(paths: list, runs: list[dict]) -> None:
+    """DataError when one run is given twice: the same file (by resolved path, so a symlink or ./x counts), or
+    another file with the same content. Two real runs (other seeds, other predictions) always differ: each
+    records its own prediction folder and numbers; an identical file is a copy, and averaging it would weigh
+    that run twice and shrink the std."""
+    seen_paths, seen_runs = {}, []
+    for path, run in zip(paths, runs):
+        resolved = Path(path).resolve()
+        if resolved in seen_paths:
+            raise data.DataError(f"{path}: given twice (the same file as {seen_paths[resolved]}); give each run "
+                                 f"once.")
+        seen_paths[resolved] = path
+        for other_path, other in seen_runs:
+            if run == other:
+                raise data.DataError(f"{path}: the same content as {other_path}, so the same run twice; give "
+                                     f"each run once.")
+        seen_runs.append((path, run))
+
+
 def run_summary(args) -> None:
     runs = [load_run(Path(p)) for p in args.summarize]
+    check_distinct_runs(args.summarize, runs)
     names = list(runs[0]["categories"])
     for path, run in zip(args.summarize, runs):
         if set(run["categories"]) != set(names):
@@ -496,9 +551,10 @@ def run_summary(args) -> None:
                                  f"{args.summarize[0]} ({', '.join(names)}); summarize runs of one benchmark.")
     summary = summarize(runs)
     print(format_summary(summary))
-    print(f"mean ± sample std over {len(runs)} runs")
+    print(summary_footer(summary, args.summarize, runs))
     if args.json:
-        data.save_json({"metrics": list(METRICS), "runs": [str(p) for p in args.summarize], **summary}, args.json)
+        data.save_json({"metrics": list(METRICS), "runs": [str(p) for p in args.summarize],
+                        "runs_without_values": runs_without_values(args.summarize, runs), **summary}, args.json)
         print(f"wrote {args.json}")
 
 

@@ -709,6 +709,48 @@ def test_cli_summarize_prints_mean_and_std_over_runs(tmp_path):
     assert summary["categories"]["widget"]["I-AUC"]["n"] == 2
 
 
+def metrics_save_run(path: Path, values: dict) -> Path:
+    """A run JSON as --json writes it, one category 'widget' whose values are also the mean row."""
+    data.save_json({"metrics": list(metrics.METRICS), "categories": {"widget": dict(values)}, "mean": dict(values),
+                    "pred": str(path.with_suffix(""))}, path)
+    return path
+
+
+def test_cli_summarize_counts_the_runs_it_averages_not_the_files_given(tmp_path, capsys):
+    runs = [metrics_save_run(tmp_path / "a.json", {m: 0.8 for m in metrics.METRICS}),
+            metrics_save_run(tmp_path / "b.json", {m: 0.9 for m in metrics.METRICS}),
+            metrics_save_run(tmp_path / "c.json", {m: None for m in metrics.METRICS}),  # e.g. one class only
+            metrics_save_run(tmp_path / "d.json", {**{m: 0.7 for m in metrics.METRICS}, "PRO": None})]
+    assert metrics.main(["--summarize", *map(str, runs), "--json", str(tmp_path / "summary.json")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    widget = lines[1].split()
+    assert widget[1:4] == ["80.0", "±", "10.0"]  # I-AUC over a, b, d: mean 0.8, sample std 0.1
+    assert widget[-4:] == ["85.0", "±", "7.1", "(n=2)"]  # PRO over a and b only
+    assert lines[3] == (f"mean ± sample std over 3 runs; a cell marked (n=k) averages k runs, the others have no "
+                        f"value there; left out, every value null: {runs[2]}")
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["categories"]["widget"]["PRO"] == {"mean": pytest.approx(0.85), "std": pytest.approx(
+        np.std([0.8, 0.9], ddof=1)), "n": 2}
+    assert summary["runs_without_values"] == [str(runs[2])]
+    assert metrics.main(["--summarize", str(runs[0]), str(runs[1])]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "mean ± sample std over 2 runs"
+
+
+def test_cli_summarize_refuses_a_run_given_twice_by_path_or_by_content(tmp_path, capsys):
+    a = metrics_save_run(tmp_path / "a.json", {m: 0.8 for m in metrics.METRICS})
+    b = metrics_save_run(tmp_path / "b.json", {m: 0.9 for m in metrics.METRICS})
+    (tmp_path / "sub").mkdir()
+    for twice, message in (
+            ([a, b, tmp_path / "sub" / ".." / "a.json"], f"error: {tmp_path / 'sub' / '..' / 'a.json'}: given "
+                                                          f"twice (the same file as {a}); give each run once."),
+            ([a, b, shutil.copy(b, tmp_path / "copy.json")], f"error: {tmp_path / 'copy.json'}: the same content "
+                                                              f"as {b}, so the same run twice; give each run once.")):
+        assert metrics.main(["--summarize", *map(str, twice), "--json", str(tmp_path / "s.json")]) == 2
+        captured = capsys.readouterr()
+        assert captured.err.strip() == message and captured.out == ""
+        assert not (tmp_path / "s.json").exists()
+
+
 def metrics_assert_bad_input(result, *fragments):
     assert result.returncode == 2, result.stdout + result.stderr
     assert "Traceback" not in result.stderr
