@@ -149,6 +149,16 @@ def check_output_folder(path, flag: str = "--out") -> None:
     os.unlink(probe)
 
 
+def check_output_file(path, flag: str) -> None:
+    """DataError unless `path` can be written as a file: not a folder, in a folder this process can write in or
+    create (`check_output_folder`). Checked before the work whose result it will hold, so a typo costs one
+    sentence, not the work; it creates nothing."""
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{flag} {path}: is a folder; give a file name.")
+    check_output_folder(path.parent, f"{flag} {path}: its folder")
+
+
 def save_image(image, path) -> None:
     """Save a PIL image or a uint8 array ((H, W) or (H, W, 3)) atomically; the format follows the suffix."""
     if isinstance(image, np.ndarray):
