@@ -41,6 +41,7 @@ import argparse
 import csv
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -508,6 +509,9 @@ def run_evaluation(args) -> None:
                 notes.append(f"{category}: {', '.join(undefined)} undefined, the test {kind} are all one class "
                              f"(shown as n/a, null in JSON).")
     mean = mean_over_categories(results)
+    if args.json:  # first: the file is the result, and printing may fail (a closed pipe)
+        data.save_json({"metrics": list(METRICS), "categories": results, "mean": mean, "info": info,
+                        "pred": str(pred_root), "gt": str(gt_root)}, args.json)
     print(format_table(results, mean))
     for note in notes:
         print(f"note: {note}")
@@ -517,8 +521,6 @@ def run_evaluation(args) -> None:
     images = sum(i["images"] for i in info.values())
     print(f"evaluated {len(categories)} categories, {images} images in {time.time() - started:.1f} s")
     if args.json:
-        data.save_json({"metrics": list(METRICS), "categories": results, "mean": mean, "info": info,
-                        "pred": str(pred_root), "gt": str(gt_root)}, args.json)
         print(f"wrote {args.json}")
 
 
@@ -542,6 +544,9 @@ def check_distinct_runs(paths: list, runs: list[dict]) -> None:
 
 
 def run_summary(args) -> None:
+    if args.json and Path(args.json).resolve() in {Path(p).resolve() for p in args.summarize}:
+        raise data.DataError(f"--json {args.json}: is one of the runs to summarize and would be overwritten; "
+                             f"choose another file.")
     runs = [load_run(Path(p)) for p in args.summarize]
     check_distinct_runs(args.summarize, runs)
     names = list(runs[0]["categories"])
@@ -550,11 +555,12 @@ def run_summary(args) -> None:
             raise data.DataError(f"{path}: its categories ({', '.join(run['categories'])}) differ from those of "
                                  f"{args.summarize[0]} ({', '.join(names)}); summarize runs of one benchmark.")
     summary = summarize(runs)
+    if args.json:  # first: the file is the result, and printing may fail (a closed pipe)
+        data.save_json({"metrics": list(METRICS), "runs": [str(p) for p in args.summarize],
+                        "runs_without_values": runs_without_values(args.summarize, runs), **summary}, args.json)
     print(format_summary(summary))
     print(summary_footer(summary, args.summarize, runs))
     if args.json:
-        data.save_json({"metrics": list(METRICS), "runs": [str(p) for p in args.summarize],
-                        "runs_without_values": runs_without_values(args.summarize, runs), **summary}, args.json)
         print(f"wrote {args.json}")
 
 
@@ -576,10 +582,19 @@ def main(argv=None) -> int:
     if not 0.0 < args.fpr_limit <= 1.0:
         parser.error(f"--fpr-limit must be in (0, 1], got {args.fpr_limit}")
     try:
+        if args.json:  # before any work: a typo in the output path costs one sentence, not the evaluation
+            data.check_output_file(args.json, "--json")
         run_summary(args) if args.summarize else run_evaluation(args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler, not at interpreter exit
     except data.DataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # `metrics.py ... | head`: the reader has gone; the JSON is already written. Exit quietly, with the
+        # status of a process ended by SIGPIPE (128 + 13) as other command-line tools do, after pointing
+        # stdout at /dev/null so that Python's own flush at exit does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     return 0
 
 

@@ -837,6 +837,44 @@ def test_cli_scores_a_category_of_three_image_sizes_as_the_references_do(tmp_pat
         assert written["categories"]["widget"][metric] == pytest.approx(value, abs=1e-9), metric
 
 
+def test_cli_json_path_that_cannot_be_written_is_one_sentence_before_evaluating(tmp_path, capsys, monkeypatch):
+    gt, pred, _ = metrics_write_trees(tmp_path, categories=("widget",))
+    run = metrics_save_run(tmp_path / "a.json", {m: 0.8 for m in metrics.METRICS})
+    (tmp_path / "plain_file").write_text("x")
+    (tmp_path / "folder").mkdir()
+    evaluated = []
+    monkeypatch.setattr(metrics, "load_category", lambda *args: evaluated.append(args))
+    monkeypatch.setattr(metrics, "load_run", lambda *args: evaluated.append(args))
+    for json_path, reason in ((Path("/proc/nope/run.json"), "its folder /proc/nope: cannot write in /proc"),
+                              (tmp_path / "plain_file/run.json", f"its folder {tmp_path / 'plain_file'}: is a file"),
+                              (tmp_path / "plain_file/sub/run.json",
+                               f"its folder {tmp_path / 'plain_file/sub'}: {tmp_path / 'plain_file'} is a file, so"),
+                              (tmp_path / "folder", "is a folder; give a file name.")):
+        for command in (["--pred", str(pred), "--gt", str(gt)], ["--summarize", str(run)]):
+            assert metrics.main([*command, "--json", str(json_path)]) == 2
+            captured = capsys.readouterr()
+            assert captured.err.startswith(f"error: --json {json_path}: {reason}"), captured.err
+            assert len(captured.err.strip().splitlines()) == 1 and captured.out == ""
+    assert evaluated == []  # refused before any work
+    monkeypatch.undo()
+    assert metrics.main(["--summarize", str(run), "--json", str(run)]) == 2
+    assert "is one of the runs to summarize" in capsys.readouterr().err
+    assert json.loads(run.read_text())["mean"]["PRO"] == 0.8
+
+
+def test_cli_into_a_closed_pipe_writes_the_json_and_exits_quietly(tmp_path):
+    gt, pred, expected = metrics_write_trees(tmp_path, categories=("widget",))
+    # The read end is closed before metrics.py prints anything (as `| head` does once it has its lines).
+    process = subprocess.Popen([sys.executable, "metrics.py", "--pred", pred, "--gt", gt, "--json", tmp_path / "r.json"],
+                               cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    process.stdout.close()
+    stderr = process.stderr.read()
+    assert process.wait(timeout=120) == 141 and stderr == ""  # no traceback, no "Exception ignored"
+    written = json.loads((tmp_path / "r.json").read_text())
+    assert written["categories"]["widget"]["PRO"] == pytest.approx(expected["widget"]["PRO"], abs=1e-12)
+
+
 def test_cli_rejects_a_category_missing_from_the_ground_truth(tmp_path):
     gt, pred, _ = metrics_write_trees(tmp_path, categories=("widget",))
     (pred / "widget").rename(pred / "gizmo")
