@@ -112,9 +112,41 @@ def list_images(folder) -> list[Path]:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _umask_from_proc() -> int | None:
+    """The umask as Linux (>= 4.7) reports it in /proc/self/status, without changing it; None elsewhere."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _umask_by_setting() -> int:
+    # os.umask can only be read by setting it: process-global, and racy if another thread creates a file
+    # meanwhile. Done once, at import, where /proc cannot tell.
+    umask = os.umask(0o077)
+    os.umask(umask)
+    return umask
+
+
+_UMASK_AT_IMPORT = _umask_by_setting() if _umask_from_proc() is None else None
+
+
+def current_umask() -> int:
+    """The process's umask: read now where /proc can tell, else as it was when this module was imported."""
+    umask = _umask_from_proc()
+    return _UMASK_AT_IMPORT if umask is None else umask
+
+
 @contextlib.contextmanager
 def atomic_path(path):
-    """Yield a temporary path beside `path`; on success it replaces `path`, on any error it is removed."""
+    """Yield a temporary path beside `path`; on success it replaces `path`, on any error it is removed.
+
+    The file gets the mode a plain open() would give a new file, 0666 & ~umask (mkstemp creates it 0600,
+    which would keep colleagues on a shared machine from reading a generated dataset)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + path.suffix)
@@ -122,6 +154,9 @@ def atomic_path(path):
     temporary = Path(temporary)
     try:
         yield temporary
+        # After the writer, not before: some replace the file rather than write into it (safetensors writes
+        # its own 0600 temporary file and renames it onto ours).
+        os.chmod(temporary, 0o666 & ~current_umask())
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)
@@ -206,7 +241,7 @@ def append_jsonl(obj, path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     line = (json.dumps(obj, separators=(",", ":")) + "\n").encode("utf-8")
-    handle = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    handle = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)  # & ~umask, as open() does
     try:
         os.write(handle, line)
         os.fsync(handle)
