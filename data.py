@@ -369,47 +369,184 @@ def k_shot_images(root, category: str, k: int | None, seed: int) -> list[Path]:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def visa_to_mvtec(source, target, progress: bool = True) -> dict[str, dict[str, int]]:
-    """Convert VisA's own layout (split_csv/1cls.csv listing object,split,label,image,mask with paths relative
-    to SOURCE) into the MVTec layout under TARGET. Masks (0 background, 1..255 anomaly) become 0/255 PNGs.
-    Anomalous images all go to test/bad, as in the common VisA->MVTec conversion. Re-runs skip finished files.
-    Returns per-category counts."""
-    source, target = Path(source), Path(target)
-    table = source / "split_csv" / "1cls.csv"
-    if not table.is_file():
-        raise DataError(f"{table}: not found; SRC must be the VisA root that holds split_csv/1cls.csv.")
-    with table.open(newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
-    required = {"object", "split", "label", "image", "mask"}
-    if not rows or not required <= set(rows[0]):
-        raise DataError(f"{table}: expected the columns {sorted(required)}.")
+VISA_TABLE = Path("split_csv") / "1cls.csv"
+VISA_COLUMNS = ("object", "split", "label", "image", "mask")
+VISA_DEFECTS = {"normal": "good", "anomaly": "bad"}  # VisA's label, spelled as VisA writes it -> our folder
+VISA_MANIFEST = "visa_to_mvtec.jsonl"  # in TARGET: which VisA file (path, size, mtime) each output came from
+
+
+@dataclass(frozen=True)
+class _VisaJob:
+    """One output file of the conversion and the VisA file it is made from."""
+
+    line: int  # of 1cls.csv, for messages
+    source: Path
+    target: str  # relative to TARGET, posix
+    is_mask: bool
+
+
+def _read_visa_rows(table: Path) -> list[tuple[int, dict[str, str]]]:
+    """(line number, {column: stripped value}) of every non-empty row of 1cls.csv. DataError naming the line for a
+    file that is not a UTF-8 text CSV, a missing column, or a row with too few or too many fields."""
+    raw = table.read_bytes()
     try:
-        from tqdm import tqdm
-        rows_iter = tqdm(rows, desc="visa-to-mvtec", unit="img", disable=not progress)
-    except ImportError:  # tqdm is a dependency of the other modules; data.py alone works without it
-        rows_iter = rows
+        text = raw.decode("utf-8-sig")  # a byte-order mark (a csv saved by a spreadsheet) is not part of the header
+    except UnicodeDecodeError as error:
+        line = raw[:error.start].count(b"\n") + 1
+        raise DataError(f"{table}, line {line}: not UTF-8 text; SRC/{VISA_TABLE} must be VisA's csv.") from None
+    if "\0" in text:
+        line = text[:text.index("\0")].count("\n") + 1
+        raise DataError(f"{table}, line {line}: a NUL byte, so a binary file; SRC/{VISA_TABLE} must be VisA's csv.")
+    reader = csv.reader(text.splitlines(keepends=True))
+    rows = []
+    try:
+        header = [column.strip() for column in next(reader, [])]
+        missing = [column for column in VISA_COLUMNS if column not in header]
+        if missing:
+            raise DataError(f"{table}, line 1: the header lacks the column(s) {', '.join(missing)}; expected "
+                            f"{','.join(VISA_COLUMNS)}.")
+        for row in reader:
+            if not any(field.strip() for field in row):
+                continue  # a blank line
+            if len(row) != len(header):
+                raise DataError(f"{table}, line {reader.line_num}: {len(row)} fields where the header has "
+                                f"{len(header)} ({','.join(header)}).")
+            rows.append((reader.line_num, {column: field.strip() for column, field in zip(header, row)}))
+    except csv.Error as error:
+        raise DataError(f"{table}, line {reader.line_num}: not a valid csv row ({error}).") from None
+    if not rows:
+        raise DataError(f"{table}: no rows below the header; SRC/{VISA_TABLE} must list VisA's images.")
+    return rows
+
+
+def _plan_visa(source: Path, table: Path) -> tuple[list[_VisaJob], dict[str, dict[str, int]]]:
+    """Every row of 1cls.csv checked before anything is written -> the files to write, in csv order, and the
+    per-category counts. DataError naming the csv line of the first bad row."""
+    jobs: list[_VisaJob] = []
     counts: dict[str, dict[str, int]] = {}
-    for row in rows_iter:
-        category, split, label = row["object"], row["split"].strip(), row["label"].strip()
+    written_by: dict[str, int] = {}  # target -> csv line, so two rows never write one file
+    for line, row in _read_visa_rows(table):
+        where = f"{table}, line {line}"
+        category, split, label = row["object"], row["split"], row["label"]
+        if not category or category in (".", "..") or "/" in category or "\\" in category:
+            raise DataError(f"{where}: object {category!r} is not a category name (a folder name).")
         if split not in ("train", "test"):
-            raise DataError(f"{table}: unknown split {split!r} for {row['image']}.")
-        defect = "good" if label == "normal" else "bad"
-        image_source = source / row["image"]
+            raise DataError(f"{where}: unknown split {split!r}; VisA's splits are 'train' and 'test'.")
+        if label not in VISA_DEFECTS:
+            raise DataError(f"{where}: label {label!r} is neither 'normal' nor 'anomaly' (VisA's spelling, "
+                            f"lower case).")
+        defect = VISA_DEFECTS[label]
+        if not row["image"]:
+            raise DataError(f"{where}: the image column is empty.")
+        image = source / row["image"]
+        if not image.is_file():
+            raise DataError(f"{where}: image {image} not found.")
         stem = Path(row["image"]).stem
-        image_target = target / category / split / defect / f"{stem}.png"
-        if not image_target.is_file():
-            save_image(load_image(image_source), image_target)
+        row_jobs = [_VisaJob(line, image, f"{category}/{split}/{defect}/{stem}.png", False)]
         if defect == "bad":
             if not row["mask"]:
-                raise DataError(f"{table}: anomalous image {row['image']} has no mask.")
-            mask_target = mask_path(target, category, defect, stem)
-            if not mask_target.is_file():
-                values = np.asarray(_open(source / row["mask"]).convert("L"))
-                save_image(((values > 0) * 255).astype(np.uint8), mask_target)
+                raise DataError(f"{where}: anomalous image {row['image']} has no mask (the mask column is empty).")
+            mask = source / row["mask"]
+            if not mask.is_file():
+                raise DataError(f"{where}: mask {mask} of anomalous image {row['image']} not found.")
+            row_jobs.append(_VisaJob(line, mask, mask_path(Path(), category, defect, stem).as_posix(), True))
+        for job in row_jobs:
+            if job.target in written_by:
+                raise DataError(f"{where}: it would write {job.target}, as line {written_by[job.target]} does; "
+                                f"two rows cannot share an object, split, label and file stem.")
+            written_by[job.target] = line
+        jobs += row_jobs
         key = f"{split}/{defect}"
         counts.setdefault(category, {}).setdefault(key, 0)
         counts[category][key] += 1
-    return counts
+    return jobs, counts
+
+
+def _source_identity(path: Path) -> dict:
+    """What a manifest line records of a VisA file: its resolved path, size and modification time."""
+    stat = path.stat()
+    return {"source": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _remove_stale_outputs(target: Path, categories: set[str], wanted: set[str]) -> list[str]:
+    """Remove from TARGET/<category>/{train,test,ground_truth}/<defect>/ of the given categories every image, and
+    every temporary file of an interrupted write, that the conversion does not write now (a previous run's
+    output under another split, label or category; an image the csv no longer lists), then the folders this
+    empties. Returns the removed files, relative to TARGET."""
+    removed = []
+    for category in sorted(categories):
+        for part in ("train", "test", "ground_truth"):
+            base = target / category / part
+            if not base.is_dir():
+                continue
+            for folder in sorted(p for p in base.iterdir() if p.is_dir()):
+                for file in sorted(folder.iterdir()):
+                    relative = file.relative_to(target).as_posix()
+                    interrupted = file.name.startswith(".") and ".tmp" in file.name  # atomic_path's temporary
+                    ours = file.suffix.lower() in IMAGE_EXTENSIONS or interrupted
+                    if file.is_file() and ours and relative not in wanted:
+                        file.unlink()
+                        removed.append(relative)
+                if not any(folder.iterdir()):
+                    folder.rmdir()
+            if not any(base.iterdir()):
+                base.rmdir()
+        if (target / category).is_dir() and not any((target / category).iterdir()):
+            (target / category).rmdir()
+    return removed
+
+
+def visa_to_mvtec(source, target, progress: bool = True) -> dict:
+    """Convert VisA's own layout (split_csv/1cls.csv listing object,split,label,image,mask with paths relative
+    to SOURCE) into the MVTec layout under TARGET. Masks (0 background, 1..255 anomaly) become 0/255 PNGs.
+    Anomalous images all go to test/bad, as in the common VisA->MVTec conversion.
+
+    The whole csv is checked first (fields, labels, splits, that every image and every anomalous row's mask
+    exists, that no two rows write one file), so a bad row writes nothing. A re-run converges to what a fresh
+    conversion of the current csv gives: a file is kept only when TARGET/visa_to_mvtec.jsonl says it was made
+    from the same VisA file (path, size, mtime), the rest is rewritten, and images a previous run left that the
+    csv no longer lists (under another split, label or category) are removed.
+
+    Returns {"counts": per category {split/defect: images}, "written": files, "kept": files, "removed": files}.
+    """
+    source, target = Path(source), Path(target)
+    table = source / VISA_TABLE
+    if not table.is_file():
+        raise DataError(f"{table}: not found; SRC must be the VisA root that holds {VISA_TABLE}.")
+    check_output_folder(target, "DST")
+    jobs, counts = _plan_visa(source, table)
+
+    manifest = target / VISA_MANIFEST
+    done = {record.get("target"): record for record in read_jsonl(manifest) if isinstance(record, dict)}
+    earlier = {t.split("/")[0] for t in done if isinstance(t, str) and "/" in t}  # categories a run wrote
+    categories = set(counts) | {c for c in earlier if c not in ("", ".", "..") and "\\" not in c}
+    removed = _remove_stale_outputs(target, categories, {job.target for job in jobs})
+    try:
+        from tqdm import tqdm
+        jobs_iter = tqdm(jobs, desc="visa-to-mvtec", unit="file", disable=None if progress else True)
+    except ImportError:  # tqdm is a dependency of the other modules; data.py alone works without it
+        jobs_iter = jobs
+    written = kept = 0
+    records = []
+    for job in jobs_iter:
+        identity = {"target": job.target, **_source_identity(job.source)}
+        records.append(identity)
+        output = target / job.target
+        if output.is_file() and done.get(job.target) == identity:
+            kept += 1
+            continue
+        try:
+            if job.is_mask:
+                values = np.asarray(_open(job.source).convert("L"))
+                save_image(((values > 0) * 255).astype(np.uint8), output)
+            else:
+                save_image(load_image(job.source), output)
+        except DataError as error:
+            raise DataError(f"{table}, line {job.line}: {error}") from None
+        append_jsonl(identity, manifest)  # after the file: a kill in between only costs a rewrite
+        written += 1
+    save_text("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records), manifest)  # compacted
+    return {"counts": counts, "written": written, "kept": kept, "removed": removed}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -623,9 +760,12 @@ def main(argv=None) -> int:
         elif args.command == "k-shot":
             print("\n".join(map(str, k_shot_images(args.root, args.category, parse_k_shot(args.k), args.seed))))
         else:
-            counts = visa_to_mvtec(args.source, args.target)
-            total = sum(sum(c.values()) for c in counts.values())
-            print(f"wrote {total} images of {len(counts)} categories to {args.target}")
+            result = visa_to_mvtec(args.source, args.target)
+            total = sum(sum(c.values()) for c in result["counts"].values())
+            print(f"converted {total} images of {len(result['counts'])} categories to {args.target}: "
+                  f"{result['written']} files written, {result['kept']} kept from a previous run"
+                  + (f", {len(result['removed'])} removed that the csv no longer lists (e.g. "
+                     f"{result['removed'][0]})" if result["removed"] else ""))
     except DataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

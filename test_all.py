@@ -298,6 +298,101 @@ def test_visa_conversion_gives_mvtec_tree_with_splits_and_binary_masks(tmp_path)
     assert mask[2:5, 3:7].all() and mask.sum() == 12 * 255
 
 
+def data_visa_rows(root: Path) -> list[list[str]]:
+    with open(root / "split_csv/1cls.csv", newline="") as handle:
+        return list(csv.reader(handle))  # line n of the file is rows[n - 1]
+
+
+def data_save_visa_rows(root: Path, rows: list[list[str]]) -> None:
+    with open(root / "split_csv/1cls.csv", "w", newline="") as handle:
+        csv.writer(handle).writerows(rows)
+
+
+def data_tree_files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def data_visa_row_edit(line: int, column: int, value: str):
+    def edit(rows):
+        rows[line - 1][column] = value
+    return edit
+
+
+@pytest.mark.parametrize("edit, line, fragment", [
+    # Line 9 is pcb1's normal test image: the lines above it are good, so a row-by-row converter writes them.
+    (data_visa_row_edit(9, 2, "Normal"), 9, "label 'Normal' is neither 'normal' nor 'anomaly'"),
+    (lambda rows: rows[7].pop(), 8, "4 fields where the header has 5 (object,split,label,image,mask)"),
+    (data_visa_row_edit(10, 1, "val"), 10, "unknown split 'val'"),
+    (data_visa_row_edit(11, 4, "pcb1/Data/Masks/Anomaly/404.png"), 11, "mask "),
+    (data_visa_row_edit(11, 4, ""), 11, "anomalous image pcb1/Data/Images/Anomaly/001.JPG has no mask"),
+    (data_visa_row_edit(9, 3, "pcb1/Data/Images/Normal/404.JPG"), 9, "image "),
+    (data_visa_row_edit(11, 3, "pcb1/Data/Images/Anomaly/000.JPG"), 11, "as line 10 does"),
+    (data_visa_row_edit(9, 0, "../pcb1"), 9, "object '../pcb1' is not a category name"),
+    (None, 3, "not UTF-8 text"),
+], ids=["label-typo", "short-row", "unknown-split", "mask-not-found", "no-mask", "image-not-found", "duplicate",
+        "object-not-a-name", "binary-csv"])
+def test_visa_conversion_checks_the_whole_csv_before_writing_anything(tmp_path, capsys, edit, line, fragment):
+    source, target = tmp_path / "visa", tmp_path / "mvtec"
+    data_write_visa_tree(source)
+    table = source / "split_csv/1cls.csv"
+    if edit is None:  # a binary file where the csv should be: valid text for two lines, then not UTF-8
+        table.write_bytes(b"object,split,label,image,mask\ncandle,train,normal,a.JPG,\n\xff\xd8\xff\xe0\x00JFIF")
+    else:
+        rows = data_visa_rows(source)
+        edit(rows)
+        data_save_visa_rows(source, rows)
+    assert data.main(["visa-to-mvtec", str(source), str(target)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: {table}, line {line}: ") and fragment in error, error
+    assert len(error.strip().splitlines()) == 1
+    assert not target.exists()  # nothing written
+
+
+def test_visa_reconversion_after_a_corrected_csv_equals_a_fresh_conversion(tmp_path, capsys):
+    source = tmp_path / "visa"
+    data_write_visa_tree(source)
+    distinct = np.zeros((12, 12), np.uint8)
+    distinct[6:9, 1:4] = 1
+    Image.fromarray(distinct).save(source / "candle/Data/Masks/Anomaly/001.png")
+    correct = data_visa_rows(source)
+    wrong = [list(row) for row in correct]
+    wrong[3][1] = "train"  # candle's normal test image 0002 in train
+    wrong[4][4] = correct[5][4]  # candle's anomaly 000 with the mask of 001
+    wrong[6][0] = "pcb"  # a typo in the object of pcb1's first image
+    data_save_visa_rows(source, wrong)
+    target = tmp_path / "mvtec"
+    assert data.main(["visa-to-mvtec", str(source), str(target)]) == 0
+    assert (target / "candle/train/good/0002.png").is_file() and (target / "pcb/train/good/0000.png").is_file()
+    (target / "candle/test/bad/.001.png.k2x9.tmp.png").write_bytes(b"half an image")  # a killed write
+    capsys.readouterr()
+
+    data_save_visa_rows(source, correct)
+    assert data.main(["visa-to-mvtec", str(source), str(target)]) == 0
+    out = capsys.readouterr().out
+    assert data.main(["visa-to-mvtec", str(source), str(tmp_path / "fresh")]) == 0
+    assert data_tree_files(target) == data_tree_files(tmp_path / "fresh")  # masks, images, manifest: all equal
+    assert "3 removed that the csv no longer lists" in out
+    assert [row["category"] for row in data.describe(target)] == ["candle", "pcb1"]
+    capsys.readouterr()
+    assert data.main(["visa-to-mvtec", str(source), str(target)]) == 0  # a third run has nothing to do
+    assert "0 files written, 14 kept from a previous run" in capsys.readouterr().out
+
+
+def test_visa_conversion_refuses_a_target_it_cannot_write_before_converting(tmp_path, capsys):
+    source = tmp_path / "visa"
+    data_write_visa_tree(source)
+    (tmp_path / "plain_file").write_text("x")
+    for target, message in (
+            (tmp_path / "plain_file", f"DST {tmp_path / 'plain_file'}: is a file, not a folder; choose a folder."),
+            (tmp_path / "plain_file/out", f"DST {tmp_path / 'plain_file/out'}: {tmp_path / 'plain_file'} is a "
+                                          f"file, so the folder cannot be created; choose another."),
+            (Path("/proc/nope"), "DST /proc/nope: cannot write in /proc")):
+        assert data.main(["visa-to-mvtec", str(source), str(target)]) == 2
+        error = capsys.readouterr().err
+        assert error.startswith(f"error: {message}") and len(error.strip().splitlines()) == 1, error
+    assert (tmp_path / "plain_file").read_text() == "x"
+
+
 def test_data_cli_errors_are_one_sentence_and_nonzero(tmp_path):
     result = run_cli("data.py", "info", tmp_path / "nowhere")
     assert result.returncode == 2
@@ -887,8 +982,8 @@ def test_cli_json_path_that_cannot_be_written_is_one_sentence_before_evaluating(
 def test_cli_into_a_closed_pipe_writes_the_json_and_exits_quietly(tmp_path):
     gt, pred, expected = metrics_write_trees(tmp_path, categories=("widget",))
     # The read end is closed before metrics.py prints anything (as `| head` does once it has its lines).
-    process = subprocess.Popen([sys.executable, "metrics.py", "--pred", pred, "--gt", gt, "--json", tmp_path / "r.json"],
-                               cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    command = [sys.executable, "metrics.py", "--pred", pred, "--gt", gt, "--json", tmp_path / "r.json"]
+    process = subprocess.Popen(command, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
     process.stdout.close()
     stderr = process.stderr.read()
