@@ -99,11 +99,13 @@ def load_mask(path, size: tuple[int, int] | None = None, binarize: bool = True) 
 
 
 def list_images(folder) -> list[Path]:
-    """The image files of one folder (not recursive), sorted by name."""
+    """The image files of one folder (not recursive), sorted by name. Hidden files are skipped: among them the
+    temporary file of an interrupted atomic write (.NAME.XXXX.tmp.png), which is not an image of the dataset."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -204,26 +204,15 @@ def test_interrupted_atomic_write_leaves_no_file_under_final_name(tmp_path):
     assert json.loads((tmp_path / "x.json").read_text()) == {"a": 1}  # the old complete file survives
 
 
-@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
-def test_written_files_get_the_mode_of_a_plain_open_under_the_umask(tmp_path, umask, mode):
-    previous = os.umask(umask)
-    try:
-        assert data.current_umask() == umask
-        data.save_image(np.zeros((4, 4, 3), np.uint8), tmp_path / "image.png")
-        data.save_mask(np.zeros((4, 4)), tmp_path / "ground_truth" / "x_mask.png")
-        data.save_tiff(np.zeros((4, 4)), tmp_path / "map.tiff")
-        data.save_json({"a": 1}, tmp_path / "run.json")
-        data.save_text("path,score\n", tmp_path / "scores.csv")
-        data.append_jsonl({"a": 1}, tmp_path / "meta.jsonl")
-        with data.atomic_path(tmp_path / "adapters.safetensors") as temporary:  # how vlad.py saves checkpoints
-            save_file({"w": torch.zeros(2)}, str(temporary))
-        (tmp_path / "plain.txt").write_text("x")  # the reference: what open() gives
-    finally:
-        os.umask(previous)
-    modes = {p.relative_to(tmp_path).as_posix(): oct(p.stat().st_mode & 0o777) for p in tmp_path.rglob("*")
-             if p.is_file()}
-    assert modes == {name: oct(mode) for name in ("image.png", "ground_truth/x_mask.png", "map.tiff", "run.json",
-                                                  "scores.csv", "meta.jsonl", "adapters.safetensors", "plain.txt")}
+def test_reader_skips_the_temporary_file_of_a_killed_write(tmp_path):
+    data_write_mvtec_tree(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        with data.atomic_path(tmp_path / "bottle/test/crack/001.png") as temporary:
+            raise KeyboardInterrupt  # only to learn the temporary name atomic_path uses
+    temporary.write_bytes(b"half an image")  # what kill -9 mid-write leaves: it never reaches the cleanup
+    assert temporary.name.startswith(".001.png.") and temporary.suffix == ".png"
+    assert [(s.defect, s.image.name) for s in data.read_split(tmp_path, "bottle", "test")][2:] == [
+        ("broken", "000.png"), ("broken", "001.png"), ("crack", "000.png")]
 
 
 def test_jsonl_reader_ignores_torn_last_line(tmp_path):
