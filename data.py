@@ -99,11 +99,13 @@ def load_mask(path, size: tuple[int, int] | None = None, binarize: bool = True) 
 
 
 def list_images(folder) -> list[Path]:
-    """The image files of one folder (not recursive), sorted by name."""
+    """The image files of one folder (not recursive), sorted by name. Hidden files are skipped: among them the
+    temporary file of an interrupted atomic write (.NAME.XXXX.tmp.png), which is not an image of the dataset."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -112,9 +114,41 @@ def list_images(folder) -> list[Path]:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _umask_from_proc() -> int | None:
+    """The umask as Linux (>= 4.7) reports it in /proc/self/status, without changing it; None elsewhere."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _umask_by_setting() -> int:
+    # os.umask can only be read by setting it: process-global, and racy if another thread creates a file
+    # meanwhile. Done once, at import, where /proc cannot tell.
+    umask = os.umask(0o077)
+    os.umask(umask)
+    return umask
+
+
+_UMASK_AT_IMPORT = _umask_by_setting() if _umask_from_proc() is None else None
+
+
+def current_umask() -> int:
+    """The process's umask: read now where /proc can tell, else as it was when this module was imported."""
+    umask = _umask_from_proc()
+    return _UMASK_AT_IMPORT if umask is None else umask
+
+
 @contextlib.contextmanager
 def atomic_path(path):
-    """Yield a temporary path beside `path`; on success it replaces `path`, on any error it is removed."""
+    """Yield a temporary path beside `path`; on success it replaces `path`, on any error it is removed.
+
+    The file gets the mode a plain open() would give a new file, 0666 & ~umask (mkstemp creates it 0600,
+    which would keep colleagues on a shared machine from reading a generated dataset)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + path.suffix)
@@ -122,6 +156,9 @@ def atomic_path(path):
     temporary = Path(temporary)
     try:
         yield temporary
+        # After the writer, not before: some replace the file rather than write into it (safetensors writes
+        # its own 0600 temporary file and renames it onto ours).
+        os.chmod(temporary, 0o666 & ~current_umask())
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)
@@ -147,6 +184,16 @@ def check_output_folder(path, flag: str = "--out") -> None:
                         f"you can write to.") from None
     os.close(handle)
     os.unlink(probe)
+
+
+def check_output_file(path, flag: str) -> None:
+    """DataError unless `path` can be written as a file: not a folder, in a folder this process can write in or
+    create (`check_output_folder`). Checked before the work whose result it will hold, so a typo costs one
+    sentence, not the work; it creates nothing."""
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{flag} {path}: is a folder; give a file name.")
+    check_output_folder(path.parent, f"{flag} {path}: its folder")
 
 
 def save_image(image, path) -> None:
@@ -197,7 +244,7 @@ def append_jsonl(obj, path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     line = (json.dumps(obj, separators=(",", ":")) + "\n").encode("utf-8")
-    handle = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
+    handle = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)  # & ~umask, as open() does
     try:
         size = os.fstat(handle).st_size
         if size and os.pread(handle, 1, size - 1) != b"\n":
@@ -328,47 +375,184 @@ def k_shot_images(root, category: str, k: int | None, seed: int) -> list[Path]:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def visa_to_mvtec(source, target, progress: bool = True) -> dict[str, dict[str, int]]:
-    """Convert VisA's own layout (split_csv/1cls.csv listing object,split,label,image,mask with paths relative
-    to SOURCE) into the MVTec layout under TARGET. Masks (0 background, 1..255 anomaly) become 0/255 PNGs.
-    Anomalous images all go to test/bad, as in the common VisA->MVTec conversion. Re-runs skip finished files.
-    Returns per-category counts."""
-    source, target = Path(source), Path(target)
-    table = source / "split_csv" / "1cls.csv"
-    if not table.is_file():
-        raise DataError(f"{table}: not found; SRC must be the VisA root that holds split_csv/1cls.csv.")
-    with table.open(newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
-    required = {"object", "split", "label", "image", "mask"}
-    if not rows or not required <= set(rows[0]):
-        raise DataError(f"{table}: expected the columns {sorted(required)}.")
+VISA_TABLE = Path("split_csv") / "1cls.csv"
+VISA_COLUMNS = ("object", "split", "label", "image", "mask")
+VISA_DEFECTS = {"normal": "good", "anomaly": "bad"}  # VisA's label, spelled as VisA writes it -> our folder
+VISA_MANIFEST = "visa_to_mvtec.jsonl"  # in TARGET: which VisA file (path, size, mtime) each output came from
+
+
+@dataclass(frozen=True)
+class _VisaJob:
+    """One output file of the conversion and the VisA file it is made from."""
+
+    line: int  # of 1cls.csv, for messages
+    source: Path
+    target: str  # relative to TARGET, posix
+    is_mask: bool
+
+
+def _read_visa_rows(table: Path) -> list[tuple[int, dict[str, str]]]:
+    """(line number, {column: stripped value}) of every non-empty row of 1cls.csv. DataError naming the line for a
+    file that is not a UTF-8 text CSV, a missing column, or a row with too few or too many fields."""
+    raw = table.read_bytes()
     try:
-        from tqdm import tqdm
-        rows_iter = tqdm(rows, desc="visa-to-mvtec", unit="img", disable=not progress)
-    except ImportError:  # tqdm is a dependency of the other modules; data.py alone works without it
-        rows_iter = rows
+        text = raw.decode("utf-8-sig")  # a byte-order mark (a csv saved by a spreadsheet) is not part of the header
+    except UnicodeDecodeError as error:
+        line = raw[:error.start].count(b"\n") + 1
+        raise DataError(f"{table}, line {line}: not UTF-8 text; SRC/{VISA_TABLE} must be VisA's csv.") from None
+    if "\0" in text:
+        line = text[:text.index("\0")].count("\n") + 1
+        raise DataError(f"{table}, line {line}: a NUL byte, so a binary file; SRC/{VISA_TABLE} must be VisA's csv.")
+    reader = csv.reader(text.splitlines(keepends=True))
+    rows = []
+    try:
+        header = [column.strip() for column in next(reader, [])]
+        missing = [column for column in VISA_COLUMNS if column not in header]
+        if missing:
+            raise DataError(f"{table}, line 1: the header lacks the column(s) {', '.join(missing)}; expected "
+                            f"{','.join(VISA_COLUMNS)}.")
+        for row in reader:
+            if not any(field.strip() for field in row):
+                continue  # a blank line
+            if len(row) != len(header):
+                raise DataError(f"{table}, line {reader.line_num}: {len(row)} fields where the header has "
+                                f"{len(header)} ({','.join(header)}).")
+            rows.append((reader.line_num, {column: field.strip() for column, field in zip(header, row)}))
+    except csv.Error as error:
+        raise DataError(f"{table}, line {reader.line_num}: not a valid csv row ({error}).") from None
+    if not rows:
+        raise DataError(f"{table}: no rows below the header; SRC/{VISA_TABLE} must list VisA's images.")
+    return rows
+
+
+def _plan_visa(source: Path, table: Path) -> tuple[list[_VisaJob], dict[str, dict[str, int]]]:
+    """Every row of 1cls.csv checked before anything is written -> the files to write, in csv order, and the
+    per-category counts. DataError naming the csv line of the first bad row."""
+    jobs: list[_VisaJob] = []
     counts: dict[str, dict[str, int]] = {}
-    for row in rows_iter:
-        category, split, label = row["object"], row["split"].strip(), row["label"].strip()
+    written_by: dict[str, int] = {}  # target -> csv line, so two rows never write one file
+    for line, row in _read_visa_rows(table):
+        where = f"{table}, line {line}"
+        category, split, label = row["object"], row["split"], row["label"]
+        if not category or category in (".", "..") or "/" in category or "\\" in category:
+            raise DataError(f"{where}: object {category!r} is not a category name (a folder name).")
         if split not in ("train", "test"):
-            raise DataError(f"{table}: unknown split {split!r} for {row['image']}.")
-        defect = "good" if label == "normal" else "bad"
-        image_source = source / row["image"]
+            raise DataError(f"{where}: unknown split {split!r}; VisA's splits are 'train' and 'test'.")
+        if label not in VISA_DEFECTS:
+            raise DataError(f"{where}: label {label!r} is neither 'normal' nor 'anomaly' (VisA's spelling, "
+                            f"lower case).")
+        defect = VISA_DEFECTS[label]
+        if not row["image"]:
+            raise DataError(f"{where}: the image column is empty.")
+        image = source / row["image"]
+        if not image.is_file():
+            raise DataError(f"{where}: image {image} not found.")
         stem = Path(row["image"]).stem
-        image_target = target / category / split / defect / f"{stem}.png"
-        if not image_target.is_file():
-            save_image(load_image(image_source), image_target)
+        row_jobs = [_VisaJob(line, image, f"{category}/{split}/{defect}/{stem}.png", False)]
         if defect == "bad":
             if not row["mask"]:
-                raise DataError(f"{table}: anomalous image {row['image']} has no mask.")
-            mask_target = mask_path(target, category, defect, stem)
-            if not mask_target.is_file():
-                values = np.asarray(_open(source / row["mask"]).convert("L"))
-                save_image(((values > 0) * 255).astype(np.uint8), mask_target)
+                raise DataError(f"{where}: anomalous image {row['image']} has no mask (the mask column is empty).")
+            mask = source / row["mask"]
+            if not mask.is_file():
+                raise DataError(f"{where}: mask {mask} of anomalous image {row['image']} not found.")
+            row_jobs.append(_VisaJob(line, mask, mask_path(Path(), category, defect, stem).as_posix(), True))
+        for job in row_jobs:
+            if job.target in written_by:
+                raise DataError(f"{where}: it would write {job.target}, as line {written_by[job.target]} does; "
+                                f"two rows cannot share an object, split, label and file stem.")
+            written_by[job.target] = line
+        jobs += row_jobs
         key = f"{split}/{defect}"
         counts.setdefault(category, {}).setdefault(key, 0)
         counts[category][key] += 1
-    return counts
+    return jobs, counts
+
+
+def _source_identity(path: Path) -> dict:
+    """What a manifest line records of a VisA file: its resolved path, size and modification time."""
+    stat = path.stat()
+    return {"source": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _remove_stale_outputs(target: Path, categories: set[str], wanted: set[str]) -> list[str]:
+    """Remove from TARGET/<category>/{train,test,ground_truth}/<defect>/ of the given categories every image, and
+    every temporary file of an interrupted write, that the conversion does not write now (a previous run's
+    output under another split, label or category; an image the csv no longer lists), then the folders this
+    empties. Returns the removed files, relative to TARGET."""
+    removed = []
+    for category in sorted(categories):
+        for part in ("train", "test", "ground_truth"):
+            base = target / category / part
+            if not base.is_dir():
+                continue
+            for folder in sorted(p for p in base.iterdir() if p.is_dir()):
+                for file in sorted(folder.iterdir()):
+                    relative = file.relative_to(target).as_posix()
+                    interrupted = file.name.startswith(".") and ".tmp" in file.name  # atomic_path's temporary
+                    ours = file.suffix.lower() in IMAGE_EXTENSIONS or interrupted
+                    if file.is_file() and ours and relative not in wanted:
+                        file.unlink()
+                        removed.append(relative)
+                if not any(folder.iterdir()):
+                    folder.rmdir()
+            if not any(base.iterdir()):
+                base.rmdir()
+        if (target / category).is_dir() and not any((target / category).iterdir()):
+            (target / category).rmdir()
+    return removed
+
+
+def visa_to_mvtec(source, target, progress: bool = True) -> dict:
+    """Convert VisA's own layout (split_csv/1cls.csv listing object,split,label,image,mask with paths relative
+    to SOURCE) into the MVTec layout under TARGET. Masks (0 background, 1..255 anomaly) become 0/255 PNGs.
+    Anomalous images all go to test/bad, as in the common VisA->MVTec conversion.
+
+    The whole csv is checked first (fields, labels, splits, that every image and every anomalous row's mask
+    exists, that no two rows write one file), so a bad row writes nothing. A re-run converges to what a fresh
+    conversion of the current csv gives: a file is kept only when TARGET/visa_to_mvtec.jsonl says it was made
+    from the same VisA file (path, size, mtime), the rest is rewritten, and images a previous run left that the
+    csv no longer lists (under another split, label or category) are removed.
+
+    Returns {"counts": per category {split/defect: images}, "written": files, "kept": files, "removed": files}.
+    """
+    source, target = Path(source), Path(target)
+    table = source / VISA_TABLE
+    if not table.is_file():
+        raise DataError(f"{table}: not found; SRC must be the VisA root that holds {VISA_TABLE}.")
+    check_output_folder(target, "DST")
+    jobs, counts = _plan_visa(source, table)
+
+    manifest = target / VISA_MANIFEST
+    done = {record.get("target"): record for record in read_jsonl(manifest) if isinstance(record, dict)}
+    earlier = {t.split("/")[0] for t in done if isinstance(t, str) and "/" in t}  # categories a run wrote
+    categories = set(counts) | {c for c in earlier if c not in ("", ".", "..") and "\\" not in c}
+    removed = _remove_stale_outputs(target, categories, {job.target for job in jobs})
+    try:
+        from tqdm import tqdm
+        jobs_iter = tqdm(jobs, desc="visa-to-mvtec", unit="file", disable=None if progress else True)
+    except ImportError:  # tqdm is a dependency of the other modules; data.py alone works without it
+        jobs_iter = jobs
+    written = kept = 0
+    records = []
+    for job in jobs_iter:
+        identity = {"target": job.target, **_source_identity(job.source)}
+        records.append(identity)
+        output = target / job.target
+        if output.is_file() and done.get(job.target) == identity:
+            kept += 1
+            continue
+        try:
+            if job.is_mask:
+                values = np.asarray(_open(job.source).convert("L"))
+                save_image(((values > 0) * 255).astype(np.uint8), output)
+            else:
+                save_image(load_image(job.source), output)
+        except DataError as error:
+            raise DataError(f"{table}, line {job.line}: {error}") from None
+        append_jsonl(identity, manifest)  # after the file: a kill in between only costs a rewrite
+        written += 1
+    save_text("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records), manifest)  # compacted
+    return {"counts": counts, "written": written, "kept": kept, "removed": removed}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -380,26 +564,39 @@ def visa_to_mvtec(source, target, progress: bool = True) -> dict[str, dict[str, 
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _mask_runs(masks: np.ndarray):
-    """masks (N, H, W) bool -> run_row (in the (N*H, W) row stack), run_start, run_end (exclusive), each (R,),
-    in raster order -- the order of `maps[masks]`."""
-    n, height, width = masks.shape
-    rows = masks.reshape(n * height, width)
-    edges = np.diff(rows, axis=1, prepend=False, append=False)  # (N*H, W+1) True where a run starts or ends
-    row, column = np.nonzero(edges)  # raster order: within a row, starts and ends alternate
-    return row[0::2], column[0::2], column[1::2]
+def _mask_runs(masks):
+    """masks: a stack (N, H, W) or a sequence of N masks (H_i, W_i), bool -> run_row (the row's index when the
+    rows of all images are stacked, image after image), run_start, run_end (exclusive), each (R,), in raster
+    order -- the order of `maps[masks]`, image by image -- and is_last_row (total rows,) bool, True on the last
+    row of each image."""
+    rows, starts, ends, heights = [], [], [], []
+    row_offset = 0
+    for mask in masks:  # image by image: as fast as one call on a stack (cache-sized), and sizes may differ
+        edges = np.diff(mask, axis=1, prepend=False, append=False)  # (H_i, W_i + 1) True where a run starts/ends
+        row, column = np.nonzero(edges)  # raster order: within a row, starts and ends alternate
+        rows.append(row[0::2] + row_offset)
+        starts.append(column[0::2])
+        ends.append(column[1::2])
+        heights.append(mask.shape[0])
+        row_offset += mask.shape[0]
+    is_last_row = np.zeros(row_offset, dtype=bool)
+    heights = np.array(heights, dtype=np.int64)
+    is_last_row[(np.cumsum(heights) - 1)[heights > 0]] = True
+    if not rows:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64), is_last_row
+    return np.concatenate(rows), np.concatenate(starts), np.concatenate(ends), is_last_row
 
 
-def _touching_runs(run_row, run_start, run_end, height: int, width: int):
-    """Pairs (a, b) of runs, b in the row below a in the same image, that are 8-connected."""
-    stride = width + 2  # a key row * stride + column orders runs as raster order does
+def _touching_runs(run_row, run_start, run_end, is_last_row, stride: int):
+    """Pairs (a, b) of runs, b in the row below a in the same image, that are 8-connected. stride: more than
+    the widest row (a key row * stride + column then orders runs as raster order does)."""
     start_key = run_row * stride + run_start
     end_key = run_row * stride + run_end
     row_below = (run_row + 1) * stride
     # Run b touches run a when b.end >= a.start and b.start <= a.end (ends exclusive: corners count).
     lo = np.searchsorted(end_key, row_below + run_start, side="left")
     hi = np.searchsorted(start_key, row_below + run_end, side="right")
-    hi = np.where((run_row + 1) % height == 0, lo, hi)  # the last row of an image touches nothing below
+    hi = np.where(is_last_row[run_row], lo, hi)  # the last row of an image touches nothing below
     count = np.maximum(hi - lo, 0)
     a = np.repeat(np.arange(len(run_row)), count)
     b = np.repeat(lo, count) + np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count)
@@ -426,12 +623,13 @@ def _union_find(n_nodes: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
             parent = grandparent
 
 
-def regions_of_runs(masks: np.ndarray):
-    """masks (N, H, W) bool -> region id of each run (R,) numbered 0.. in raster order, run lengths (R,),
-    number of regions."""
-    n, height, width = masks.shape
-    run_row, run_start, run_end = _mask_runs(masks)
-    root = _union_find(len(run_row), *_touching_runs(run_row, run_start, run_end, height, width))
+def regions_of_runs(masks):
+    """masks: a stack (N, H, W) or a sequence of N masks (H_i, W_i) of any sizes, bool -> region id of each run
+    (R,) numbered 0.. in raster order (image by image), run lengths (R,), number of regions. Regions never
+    cross from one image into the next."""
+    run_row, run_start, run_end, is_last_row = _mask_runs(masks)
+    stride = max((mask.shape[1] for mask in masks), default=0) + 2
+    root = _union_find(len(run_row), *_touching_runs(run_row, run_start, run_end, is_last_row, stride))
     _, region = np.unique(root, return_inverse=True)
     return region, run_end - run_start, int(region.max()) + 1 if len(region) else 0
 
@@ -568,9 +766,12 @@ def main(argv=None) -> int:
         elif args.command == "k-shot":
             print("\n".join(map(str, k_shot_images(args.root, args.category, parse_k_shot(args.k), args.seed))))
         else:
-            counts = visa_to_mvtec(args.source, args.target)
-            total = sum(sum(c.values()) for c in counts.values())
-            print(f"wrote {total} images of {len(counts)} categories to {args.target}")
+            result = visa_to_mvtec(args.source, args.target)
+            total = sum(sum(c.values()) for c in result["counts"].values())
+            print(f"converted {total} images of {len(result['counts'])} categories to {args.target}: "
+                  f"{result['written']} files written, {result['kept']} kept from a previous run"
+                  + (f", {len(result['removed'])} removed that the csv no longer lists (e.g. "
+                     f"{result['removed'][0]})" if result["removed"] else ""))
     except DataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

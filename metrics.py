@@ -20,7 +20,8 @@ the pixels, no loop over thresholds.
 
 Prediction tree (written by `vlad.py predict`, read by the CLI):
 
-    PRED/<category>/test/<defect>/<stem>.tiff   float32 anomaly map (PIL mode "F"), one per test image
+    PRED/<category>/test/<defect>/<stem>.tiff   float32 anomaly map (PIL mode "F"), one per test image, each at
+                                                its own size (images of one category may differ in size)
     PRED/<category>/scores.csv                  header `path,score`; path = `test/<defect>/<stem>.tiff`
 
 JSON written by --json (values are fractions in [0, 1]; null where a metric is undefined):
@@ -28,7 +29,9 @@ JSON written by --json (values are fractions in [0, 1]; null where a metric is u
     {"metrics": ["I-AUC", "I-F1", "P-AUC", "P-F1", "PRO"],
      "categories": {"bottle": {"I-AUC": 0.99, "I-F1": 0.97, "P-AUC": 0.98, "P-F1": 0.71, "PRO": 0.93}, ...},
      "mean": {"I-AUC": ..., ...},       # over the categories where the metric is defined
-     "info": {"bottle": {"images": 83, "anomalous": 63, "map_size": [256, 256], "masks_resized": 63}, ...},
+     "info": {"bottle": {"images": 83, "anomalous": 63, "map_size": [256, 256], "map_sizes": [[256, 256]],
+                         "masks_resized": 0, "first_mask_resized": null}, ...},
+                                        # map_size: [W, H] when every map has one size, else null
      "pred": "PRED", "gt": "ROOT"}
 """
 
@@ -38,6 +41,7 @@ import argparse
 import csv
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -179,26 +183,49 @@ def max_f1(scores: np.ndarray, labels: np.ndarray) -> float:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def pixel_metrics(anomaly_maps: np.ndarray, gt_masks: np.ndarray, fpr_limit: float = FPR_LIMIT) -> dict:
-    """P-AUC, P-F1 and PRO of a set of maps (N, H, W) against binary masks (N, H, W) (bool, 0/1 or 0/255),
-    from one sort. A metric that is undefined (no anomalous pixel; no normal pixel for P-AUC and PRO) is None.
+def _per_image(anomaly_maps, gt_masks) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Maps and masks as two lists of N (H_i, W_i) arrays, masks bool; views of a stack, never a copy of the
+    maps. ValueError naming the first image whose map and mask differ in size."""
+    if isinstance(anomaly_maps, np.ndarray) and isinstance(gt_masks, np.ndarray):
+        if anomaly_maps.shape != gt_masks.shape or anomaly_maps.ndim != 3:
+            raise ValueError(f"maps {anomaly_maps.shape} and masks {gt_masks.shape} must both be (N, H, W), or "
+                             f"be sequences of N (H_i, W_i) arrays")
+        gt_masks = gt_masks if gt_masks.dtype == bool else gt_masks > 0.5
+        return list(anomaly_maps), list(gt_masks)
+    maps, masks = [np.asarray(m) for m in anomaly_maps], [np.asarray(m) for m in gt_masks]
+    if len(maps) != len(masks):
+        raise ValueError(f"{len(maps)} maps but {len(masks)} masks; give one mask per map")
+    for i, (anomaly_map, mask) in enumerate(zip(maps, masks)):
+        if anomaly_map.ndim != 2 or anomaly_map.shape != mask.shape:
+            raise ValueError(f"image {i}: map {anomaly_map.shape} and mask {mask.shape} must both be (H, W), "
+                             f"the same size")
+    return maps, [m if m.dtype == bool else m > 0.5 for m in masks]
 
-    Memory: the maps' float32 normal pixels once (sorted in place), plus a few arrays per anomalous pixel."""
-    anomaly_maps = np.asarray(anomaly_maps)
-    gt_masks = np.asarray(gt_masks)
-    gt_masks = gt_masks if gt_masks.dtype == bool else gt_masks > 0.5  # (N, H, W) bool
-    if anomaly_maps.shape != gt_masks.shape or anomaly_maps.ndim != 3:
-        raise ValueError(f"maps {anomaly_maps.shape} and masks {gt_masks.shape} must both be (N, H, W)")
-    region, run_length, n_regions = data.regions_of_runs(gt_masks)
+
+def pixel_metrics(anomaly_maps, gt_masks, fpr_limit: float = FPR_LIMIT) -> dict:
+    """P-AUC, P-F1 and PRO of a set of maps against binary masks (bool, 0/1 or 0/255), from one sort. Either
+    two stacks (N, H, W), or two sequences of N arrays (H_i, W_i) whose sizes may differ from image to image
+    (the protocol pools pixels over images and labels regions per image: nothing needs one size). A metric
+    that is undefined (no anomalous pixel; no normal pixel for P-AUC and PRO) is None.
+
+    Memory: the maps' normal pixels once (sorted in place), plus a few arrays per anomalous pixel."""
+    maps, masks = _per_image(anomaly_maps, gt_masks)
+    region, run_length, n_regions = data.regions_of_runs(masks)
     # PRO's weight per anomalous pixel, in raster order: 1 / (n_regions * size of its region).
     region_size = np.bincount(region, weights=run_length, minlength=n_regions)  # (n_regions,)
     pixel_weight = np.repeat(1.0 / (n_regions * region_size[region]), run_length) if n_regions else np.zeros(0)
 
-    positive = anomaly_maps[gt_masks]  # (n_pos,) raster order, like the runs
+    dtype = np.result_type(*{m.dtype for m in maps}) if maps else np.float32  # the maps' own (float32)
+    positive = np.concatenate([m[k] for m, k in zip(maps, masks)]) if maps else np.zeros(0, dtype)  # (n_pos,)
     order = np.argsort(positive)  # tied scores may come in any order: their weights are summed together
     positive, pixel_weight = positive[order], pixel_weight[order]
     del order
-    negative = anomaly_maps[~gt_masks]  # (n_neg,) the one full-size copy
+    negative = np.empty(sum(k.size for k in masks) - len(positive), dtype=dtype)  # (n_neg,) the one full copy
+    filled = 0
+    for anomaly_map, mask in zip(maps, masks):  # image by image, so no full-size temporary besides `negative`
+        normal = anomaly_map[~mask]
+        negative[filled:filled + len(normal)] = normal
+        filled += len(normal)
     negative.sort()
     _check_finite_sorted(negative, positive)
     steps = _steps(negative, positive)
@@ -206,8 +233,9 @@ def pixel_metrics(anomaly_maps: np.ndarray, gt_masks: np.ndarray, fpr_limit: flo
             "PRO": _au_pro_steps(steps, pixel_weight, fpr_limit)}
 
 
-def au_pro(anomaly_maps: np.ndarray, gt_masks: np.ndarray, fpr_limit: float = FPR_LIMIT) -> float:
-    """Normalized area under the PRO curve up to fpr_limit (MVTec AD protocol). maps and masks (N, H, W)."""
+def au_pro(anomaly_maps, gt_masks, fpr_limit: float = FPR_LIMIT) -> float:
+    """Normalized area under the PRO curve up to fpr_limit (MVTec AD protocol). maps and masks (N, H, W), or
+    sequences of N (H_i, W_i) arrays as `pixel_metrics` takes them."""
     value = pixel_metrics(anomaly_maps, gt_masks, fpr_limit)["PRO"]
     if value is None:
         raise ValueError("AU-PRO is undefined without both anomalous and normal pixels")
@@ -220,10 +248,11 @@ def image_metrics(image_scores: np.ndarray, image_labels: np.ndarray) -> dict:
     return {"I-AUC": _auroc_steps(steps), "I-F1": _max_f1_steps(steps)}
 
 
-def evaluate_category(image_scores: np.ndarray, image_labels: np.ndarray, anomaly_maps: np.ndarray,
-                      gt_masks: np.ndarray, fpr_limit: float = FPR_LIMIT) -> dict:
+def evaluate_category(image_scores: np.ndarray, image_labels: np.ndarray, anomaly_maps, gt_masks,
+                      fpr_limit: float = FPR_LIMIT) -> dict:
     """The paper's five numbers for one category, as fractions in [0, 1] (None where undefined):
-    image scores (N,), image labels (N,), anomaly maps (N, H, W), ground-truth masks (N, H, W)."""
+    image scores (N,), image labels (N,), anomaly maps and ground-truth masks (N, H, W), or sequences of N
+    (H_i, W_i) arrays for images of different sizes."""
     return {**image_metrics(image_scores, image_labels), **pixel_metrics(anomaly_maps, gt_masks, fpr_limit)}
 
 
@@ -271,8 +300,10 @@ def read_scores_csv(path: Path) -> dict[str, float]:
 def load_category(pred_root: Path, gt_root: Path, category: str):
     """Read one category's predictions and ground truth.
 
-    Returns image scores (N,) float64, labels (N,) int, maps (N, H, W) float32, masks (N, H, W) bool and an
-    info dict. Every mismatch between the two trees is a DataError naming the file."""
+    Returns image scores (N,) float64, labels (N,) int, maps: N float32 (H_i, W_i), masks: N bool (H_i, W_i) of
+    the same sizes, and an info dict. Each map keeps its own size (vlad.py writes each at its image's size); a
+    mask of another size than its map is resized to it. Every mismatch between the two trees is a DataError
+    naming the file."""
     samples = data.read_split(gt_root, category, "test")
     if not samples:
         raise data.DataError(f"{gt_root / category / 'test'}: category {category!r} has no test images.")
@@ -301,39 +332,37 @@ def load_category(pred_root: Path, gt_root: Path, category: str):
         raise data.DataError(f"{scores_path}: no score for {missing[0]} ({len(missing)} test images without a "
                              f"score).")
 
-    maps = masks = None
-    resized = 0
+    maps, masks, resized = [], [], []
     items = list(expected.items())
     try:
         from tqdm import tqdm
         items = tqdm(items, desc=category, unit="img", leave=False, disable=None)  # bar on a terminal only
     except ImportError:
         pass
-    for i, (relative, sample) in enumerate(items):
+    for relative, sample in items:
         tiff = pred_dir / relative
         anomaly_map = data.load_tiff(tiff)
         if anomaly_map.ndim != 2:
             raise data.DataError(f"{tiff}: an anomaly map must be one (H, W) channel, got shape "
                                  f"{anomaly_map.shape}.")
-        if maps is None:
-            maps = np.empty((len(samples),) + anomaly_map.shape, dtype=np.float32)  # (N, H, W)
-            masks = np.zeros((len(samples),) + anomaly_map.shape, dtype=bool)
-        if anomaly_map.shape != maps.shape[1:]:
-            raise data.DataError(f"{tiff}: map is {anomaly_map.shape[1]}x{anomaly_map.shape[0]} but the first map "
-                                 f"of {category!r} is {maps.shape[2]}x{maps.shape[1]}; write every map of a "
-                                 f"category at one size.")
         if not np.isfinite(anomaly_map).all():
             raise data.DataError(f"{tiff}: the map contains NaN or inf.")
-        maps[i] = anomaly_map
-        if sample.mask is not None:
-            map_size = (anomaly_map.shape[1], anomaly_map.shape[0])  # (W, H)
-            masks[i] = data.load_mask(sample.mask, size=map_size) > 0.5  # nearest neighbour if sizes differ
-            with Image.open(sample.mask) as header:  # reads the header only
-                resized += header.size != map_size
+        maps.append(anomaly_map)  # (H_i, W_i): each map at its own image's size
+        map_size = (anomaly_map.shape[1], anomaly_map.shape[0])  # (W, H)
+        if sample.mask is None:
+            masks.append(np.zeros(anomaly_map.shape, dtype=bool))
+            continue
+        masks.append(data.load_mask(sample.mask, size=map_size) > 0.5)  # nearest neighbour if sizes differ
+        with Image.open(sample.mask) as header:  # reads the header only
+            if header.size != map_size:
+                resized.append(f"{sample.mask} {header.size[0]}x{header.size[1]} -> {tiff.name} "
+                               f"{map_size[0]}x{map_size[1]}")
     labels = np.array([s.label for s in expected.values()])
     image_scores = np.array([scores[relative] for relative in expected])
-    info = {"images": len(samples), "anomalous": int(labels.sum()), "map_size": [maps.shape[2], maps.shape[1]],
-            "masks_resized": resized}
+    sizes = list(dict.fromkeys((m.shape[1], m.shape[0]) for m in maps))  # distinct (W, H), first seen first
+    info = {"images": len(samples), "anomalous": int(labels.sum()),
+            "map_size": list(sizes[0]) if len(sizes) == 1 else None, "map_sizes": [list(s) for s in sizes],
+            "masks_resized": len(resized), "first_mask_resized": resized[0] if resized else None}
     return image_scores, labels, maps, masks, info
 
 
@@ -380,16 +409,47 @@ def _mean_std(values: list) -> dict:
     return {"mean": float(np.mean(values)), "std": std, "n": len(values)}
 
 
+def _summary_cells(summary: dict) -> list[dict]:
+    return [row[m] for row in list(summary["categories"].values()) + [summary["mean"]] for m in METRICS]
+
+
 def format_summary(summary: dict) -> str:
+    """The mean ± std table, in %. A cell averaged over fewer runs than the most any cell has is marked (n=k):
+    the other runs have no value there (null: one class only)."""
     rows = list(summary["categories"].items()) + [("mean", summary["mean"])]
+    most = max(cell["n"] for cell in _summary_cells(summary))
     width = max(len("category"), *(len(name) for name, _ in rows))
     cells = {name: [("n/a" if row[m]["mean"] is None else
-                     f"{100 * row[m]['mean']:.1f} ± {100 * row[m]['std']:.1f}") for m in METRICS]
+                     f"{100 * row[m]['mean']:.1f} ± {100 * row[m]['std']:.1f}"
+                     + (f" (n={row[m]['n']})" if row[m]["n"] < most else "")) for m in METRICS]
              for name, row in rows}
     column = max(12, *(len(c) + 2 for values in cells.values() for c in values))
     lines = [f"{'category':<{width}}" + "".join(f"{m:>{column}}" for m in METRICS)]
     lines += [f"{name:<{width}}" + "".join(f"{c:>{column}}" for c in cells[name]) for name, _ in rows]
     return "\n".join(lines)
+
+
+def runs_without_values(paths: list, runs: list[dict]) -> list[str]:
+    """The files among `paths` whose every value is null: they count in no cell of the summary."""
+    return [str(path) for path, run in zip(paths, runs) if not any(
+        row[m] is not None for row in list(run["categories"].values()) + [run["mean"]] for m in METRICS)]
+
+
+def summary_footer(summary: dict, paths: list, runs: list[dict]) -> str:
+    """What the numbers of the table average over: the number of runs that have values, never the number of
+    files given, and which files have no value at all (left out of every cell)."""
+    counts = sorted({cell["n"] for cell in _summary_cells(summary) if cell["n"]})
+    if not counts:
+        footer = "no run has a defined value (every value is null)"
+    elif len(counts) == 1:
+        footer = f"mean ± sample std over {counts[0]} run{'s' if counts[0] > 1 else ''}"
+    else:
+        footer = (f"mean ± sample std over {counts[-1]} runs; a cell marked (n=k) averages k runs, the others "
+                  f"have no value there")
+    empty = runs_without_values(paths, runs)
+    if empty and counts:
+        footer += f"; left out, every value null: {', '.join(empty)}"
+    return footer
 
 
 def load_run(path: Path) -> dict:
@@ -405,6 +465,10 @@ def load_run(path: Path) -> dict:
     if not ok or not all(isinstance(r, dict) and all(m in r for m in METRICS) for r in rows):
         raise data.DataError(f"{path}: not a JSON file written by metrics.py --json (needs 'categories' and "
                              f"'mean' with {', '.join(METRICS)}).")
+    if not all(r[m] is None or (isinstance(r[m], (int, float)) and not isinstance(r[m], bool)
+                                and math.isfinite(r[m])) for r in rows for m in METRICS):
+        raise data.DataError(f"{path}: not a JSON file written by metrics.py --json (every metric must be a "
+                             f"number or null).")
     return run
 
 
@@ -432,15 +496,22 @@ def run_evaluation(args) -> None:
         results[category] = evaluate_category(scores, labels, maps, masks, args.fpr_limit)
         del maps, masks
         if info[category]["masks_resized"]:
-            notes.append(f"{category}: {info[category]['masks_resized']} ground-truth masks resized to the map "
-                         f"size {info[category]['map_size'][0]}x{info[category]['map_size'][1]} "
-                         f"(nearest neighbour).")
+            notes.append(f"{category}: {info[category]['masks_resized']} ground-truth masks resized to the size "
+                         f"of their map (nearest neighbour), e.g. {info[category]['first_mask_resized']}.")
+        if len(info[category]["map_sizes"]) > 1:
+            notes.append(f"{category}: maps of {len(info[category]['map_sizes'])} sizes ("
+                         + ", ".join(f"{w}x{h}" for w, h in info[category]["map_sizes"][:3])
+                         + (", ..." if len(info[category]["map_sizes"]) > 3 else "")
+                         + "), pixels pooled over images and regions labelled per image.")
         for kind, group in (("images", METRICS[:2]), ("pixels", METRICS[2:])):
             undefined = [m for m in group if results[category][m] is None]
             if undefined:
                 notes.append(f"{category}: {', '.join(undefined)} undefined, the test {kind} are all one class "
                              f"(shown as n/a, null in JSON).")
     mean = mean_over_categories(results)
+    if args.json:  # first: the file is the result, and printing may fail (a closed pipe)
+        data.save_json({"metrics": list(METRICS), "categories": results, "mean": mean, "info": info,
+                        "pred": str(pred_root), "gt": str(gt_root)}, args.json)
     print(format_table(results, mean))
     for note in notes:
         print(f"note: {note}")
@@ -450,23 +521,46 @@ def run_evaluation(args) -> None:
     images = sum(i["images"] for i in info.values())
     print(f"evaluated {len(categories)} categories, {images} images in {time.time() - started:.1f} s")
     if args.json:
-        data.save_json({"metrics": list(METRICS), "categories": results, "mean": mean, "info": info,
-                        "pred": str(pred_root), "gt": str(gt_root)}, args.json)
         print(f"wrote {args.json}")
 
 
+def check_distinct_runs(paths: list, runs: list[dict]) -> None:
+    """DataError when one run is given twice: the same file (by resolved path, so a symlink or ./x counts), or
+    another file with the same content. Two real runs (other seeds, other predictions) always differ: each
+    records its own prediction folder and numbers; an identical file is a copy, and averaging it would weigh
+    that run twice and shrink the std."""
+    seen_paths, seen_runs = {}, []
+    for path, run in zip(paths, runs):
+        resolved = Path(path).resolve()
+        if resolved in seen_paths:
+            raise data.DataError(f"{path}: given twice (the same file as {seen_paths[resolved]}); give each run "
+                                 f"once.")
+        seen_paths[resolved] = path
+        for other_path, other in seen_runs:
+            if run == other:
+                raise data.DataError(f"{path}: the same content as {other_path}, so the same run twice; give "
+                                     f"each run once.")
+        seen_runs.append((path, run))
+
+
 def run_summary(args) -> None:
+    if args.json and Path(args.json).resolve() in {Path(p).resolve() for p in args.summarize}:
+        raise data.DataError(f"--json {args.json}: is one of the runs to summarize and would be overwritten; "
+                             f"choose another file.")
     runs = [load_run(Path(p)) for p in args.summarize]
+    check_distinct_runs(args.summarize, runs)
     names = list(runs[0]["categories"])
     for path, run in zip(args.summarize, runs):
         if set(run["categories"]) != set(names):
             raise data.DataError(f"{path}: its categories ({', '.join(run['categories'])}) differ from those of "
                                  f"{args.summarize[0]} ({', '.join(names)}); summarize runs of one benchmark.")
     summary = summarize(runs)
+    if args.json:  # first: the file is the result, and printing may fail (a closed pipe)
+        data.save_json({"metrics": list(METRICS), "runs": [str(p) for p in args.summarize],
+                        "runs_without_values": runs_without_values(args.summarize, runs), **summary}, args.json)
     print(format_summary(summary))
-    print(f"mean ± sample std over {len(runs)} runs")
+    print(summary_footer(summary, args.summarize, runs))
     if args.json:
-        data.save_json({"metrics": list(METRICS), "runs": [str(p) for p in args.summarize], **summary}, args.json)
         print(f"wrote {args.json}")
 
 
@@ -488,10 +582,19 @@ def main(argv=None) -> int:
     if not 0.0 < args.fpr_limit <= 1.0:
         parser.error(f"--fpr-limit must be in (0, 1], got {args.fpr_limit}")
     try:
+        if args.json:  # before any work: a typo in the output path costs one sentence, not the evaluation
+            data.check_output_file(args.json, "--json")
         run_summary(args) if args.summarize else run_evaluation(args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler, not at interpreter exit
     except data.DataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # `metrics.py ... | head`: the reader has gone; the JSON is already written. Exit quietly, with the
+        # status of a process ended by SIGPIPE (128 + 13) as other command-line tools do, after pointing
+        # stdout at /dev/null so that Python's own flush at exit does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     return 0
 
 

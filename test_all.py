@@ -205,6 +205,17 @@ def test_interrupted_atomic_write_leaves_no_file_under_final_name(tmp_path):
     assert json.loads((tmp_path / "x.json").read_text()) == {"a": 1}  # the old complete file survives
 
 
+def test_reader_skips_the_temporary_file_of_a_killed_write(tmp_path):
+    data_write_mvtec_tree(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        with data.atomic_path(tmp_path / "bottle/test/crack/001.png") as temporary:
+            raise KeyboardInterrupt  # only to learn the temporary name atomic_path uses
+    temporary.write_bytes(b"half an image")  # what kill -9 mid-write leaves: it never reaches the cleanup
+    assert temporary.name.startswith(".001.png.") and temporary.suffix == ".png"
+    assert [(s.defect, s.image.name) for s in data.read_split(tmp_path, "bottle", "test")][2:] == [
+        ("broken", "000.png"), ("broken", "001.png"), ("crack", "000.png")]
+
+
 def test_jsonl_reader_ignores_torn_last_line(tmp_path):
     data.append_jsonl({"i": 0}, tmp_path / "m.jsonl")
     data.append_jsonl({"i": 1}, tmp_path / "m.jsonl")
@@ -277,6 +288,101 @@ def test_visa_conversion_gives_mvtec_tree_with_splits_and_binary_masks(tmp_path)
     assert mask[2:5, 3:7].all() and mask.sum() == 12 * 255
 
 
+def data_visa_rows(root: Path) -> list[list[str]]:
+    with open(root / "split_csv/1cls.csv", newline="") as handle:
+        return list(csv.reader(handle))  # line n of the file is rows[n - 1]
+
+
+def data_save_visa_rows(root: Path, rows: list[list[str]]) -> None:
+    with open(root / "split_csv/1cls.csv", "w", newline="") as handle:
+        csv.writer(handle).writerows(rows)
+
+
+def data_tree_files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def data_visa_row_edit(line: int, column: int, value: str):
+    def edit(rows):
+        rows[line - 1][column] = value
+    return edit
+
+
+@pytest.mark.parametrize("edit, line, fragment", [
+    # Line 9 is pcb1's normal test image: the lines above it are good, so a row-by-row converter writes them.
+    (data_visa_row_edit(9, 2, "Normal"), 9, "label 'Normal' is neither 'normal' nor 'anomaly'"),
+    (lambda rows: rows[7].pop(), 8, "4 fields where the header has 5 (object,split,label,image,mask)"),
+    (data_visa_row_edit(10, 1, "val"), 10, "unknown split 'val'"),
+    (data_visa_row_edit(11, 4, "pcb1/Data/Masks/Anomaly/404.png"), 11, "mask "),
+    (data_visa_row_edit(11, 4, ""), 11, "anomalous image pcb1/Data/Images/Anomaly/001.JPG has no mask"),
+    (data_visa_row_edit(9, 3, "pcb1/Data/Images/Normal/404.JPG"), 9, "image "),
+    (data_visa_row_edit(11, 3, "pcb1/Data/Images/Anomaly/000.JPG"), 11, "as line 10 does"),
+    (data_visa_row_edit(9, 0, "../pcb1"), 9, "object '../pcb1' is not a category name"),
+    (None, 3, "not UTF-8 text"),
+], ids=["label-typo", "short-row", "unknown-split", "mask-not-found", "no-mask", "image-not-found", "duplicate",
+        "object-not-a-name", "binary-csv"])
+def test_visa_conversion_checks_the_whole_csv_before_writing_anything(tmp_path, capsys, edit, line, fragment):
+    source, target = tmp_path / "visa", tmp_path / "mvtec"
+    data_write_visa_tree(source)
+    table = source / "split_csv/1cls.csv"
+    if edit is None:  # a binary file where the csv should be: valid text for two lines, then not UTF-8
+        table.write_bytes(b"object,split,label,image,mask\ncandle,train,normal,a.JPG,\n\xff\xd8\xff\xe0\x00JFIF")
+    else:
+        rows = data_visa_rows(source)
+        edit(rows)
+        data_save_visa_rows(source, rows)
+    assert data.main(["visa-to-mvtec", str(source), str(target)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: {table}, line {line}: ") and fragment in error, error
+    assert len(error.strip().splitlines()) == 1
+    assert not target.exists()  # nothing written
+
+
+def test_visa_reconversion_after_a_corrected_csv_equals_a_fresh_conversion(tmp_path, capsys):
+    source = tmp_path / "visa"
+    data_write_visa_tree(source)
+    distinct = np.zeros((12, 12), np.uint8)
+    distinct[6:9, 1:4] = 1
+    Image.fromarray(distinct).save(source / "candle/Data/Masks/Anomaly/001.png")
+    correct = data_visa_rows(source)
+    wrong = [list(row) for row in correct]
+    wrong[3][1] = "train"  # candle's normal test image 0002 in train
+    wrong[4][4] = correct[5][4]  # candle's anomaly 000 with the mask of 001
+    wrong[6][0] = "pcb"  # a typo in the object of pcb1's first image
+    data_save_visa_rows(source, wrong)
+    target = tmp_path / "mvtec"
+    assert data.main(["visa-to-mvtec", str(source), str(target)]) == 0
+    assert (target / "candle/train/good/0002.png").is_file() and (target / "pcb/train/good/0000.png").is_file()
+    (target / "candle/test/bad/.001.png.k2x9.tmp.png").write_bytes(b"half an image")  # a killed write
+    capsys.readouterr()
+
+    data_save_visa_rows(source, correct)
+    assert data.main(["visa-to-mvtec", str(source), str(target)]) == 0
+    out = capsys.readouterr().out
+    assert data.main(["visa-to-mvtec", str(source), str(tmp_path / "fresh")]) == 0
+    assert data_tree_files(target) == data_tree_files(tmp_path / "fresh")  # masks, images, manifest: all equal
+    assert "3 removed that the csv no longer lists" in out
+    assert [row["category"] for row in data.describe(target)] == ["candle", "pcb1"]
+    capsys.readouterr()
+    assert data.main(["visa-to-mvtec", str(source), str(target)]) == 0  # a third run has nothing to do
+    assert "0 files written, 14 kept from a previous run" in capsys.readouterr().out
+
+
+def test_visa_conversion_refuses_a_target_it_cannot_write_before_converting(tmp_path, capsys):
+    source = tmp_path / "visa"
+    data_write_visa_tree(source)
+    (tmp_path / "plain_file").write_text("x")
+    for target, message in (
+            (tmp_path / "plain_file", f"DST {tmp_path / 'plain_file'}: is a file, not a folder; choose a folder."),
+            (tmp_path / "plain_file/out", f"DST {tmp_path / 'plain_file/out'}: {tmp_path / 'plain_file'} is a "
+                                          f"file, so the folder cannot be created; choose another."),
+            (Path("/proc/nope"), "DST /proc/nope: cannot write in /proc")):
+        assert data.main(["visa-to-mvtec", str(source), str(target)]) == 2
+        error = capsys.readouterr().err
+        assert error.startswith(f"error: {message}") and len(error.strip().splitlines()) == 1, error
+    assert (tmp_path / "plain_file").read_text() == "x"
+
+
 def test_data_cli_errors_are_one_sentence_and_nonzero(tmp_path):
     result = run_cli("data.py", "info", tmp_path / "nowhere")
     assert result.returncode == 2
@@ -337,15 +443,17 @@ def metrics_reference_trapezoid(x, y, x_max):
 
 def metrics_reference_au_pro(maps, masks, fpr_limit=0.3):
     """MVTec AD protocol, written plainly: 8-connected regions by scipy, every distinct score a threshold,
-    FPR over all normal pixels of all images, PRO = mean over all regions of all images."""
-    maps, masks = np.asarray(maps, dtype=np.float64), np.asarray(masks) > 0.5
+    FPR over all normal pixels of all images, PRO = mean over all regions of all images. maps and masks: a
+    stack (N, H, W) or N images (H_i, W_i) of any sizes."""
+    maps = [np.asarray(m, dtype=np.float64) for m in maps]
+    masks = [np.asarray(m) > 0.5 for m in masks]
     region_scores = []
     for anomaly_map, mask in zip(maps, masks):
         labelled, n = ndimage.label(mask, structure=np.ones((3, 3)))
         region_scores += [anomaly_map[labelled == r] for r in range(1, n + 1)]
-    normal = maps[~masks]
+    normal = np.concatenate([m[~k] for m, k in zip(maps, masks)])
     fprs, pros = [0.0], [0.0]
-    for threshold in np.unique(maps)[::-1]:
+    for threshold in np.unique(np.concatenate([m.ravel() for m in maps]))[::-1]:
         fprs.append(float(np.mean(normal >= threshold)))
         pros.append(float(np.mean([np.mean(scores >= threshold) for scores in region_scores])))
     fprs.append(1.0)
@@ -557,6 +665,47 @@ def test_evaluate_category_returns_the_five_numbers_of_the_references():
     assert result["PRO"] == pytest.approx(metrics_reference_au_pro(maps, masks), abs=1e-6)
 
 
+def metrics_images_of_mixed_sizes(seed: int = 0):
+    """Maps and masks of 3 to 5 sizes, in a list, the first image normal, each mask of one kind of
+    metrics_random_masks (noise, diagonal chains, blobs), scores with ties."""
+    rng = np.random.default_rng(seed)
+    sizes = [(12, 14), (7, 19), (20, 6), (12, 14), (1, 9), (15, 15), (9, 1)]
+    maps, masks = [], []
+    for i, (height, width) in enumerate(sizes):
+        mask = metrics_random_masks(rng, 2, height, width, ("noise", "diagonal", "blobs")[i % 3])[1]
+        masks.append(mask if i else np.zeros_like(mask))
+        maps.append(metrics_random_maps(rng, mask[None], 20)[0])
+    return maps, masks
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_pixel_metrics_of_images_of_different_sizes_match_the_references_on_pooled_pixels(seed):
+    maps, masks = metrics_images_of_mixed_sizes(seed)
+    pixels = np.concatenate([m.ravel() for m in maps])  # the protocol pools the pixels of all images
+    labels = np.concatenate([k.ravel() for k in masks])
+    result = metrics.pixel_metrics(maps, masks)
+    assert result["P-AUC"] == pytest.approx(roc_auc_score(labels, pixels), abs=1e-12)
+    assert result["P-F1"] == pytest.approx(metrics_reference_max_f1(pixels, labels), abs=1e-12)
+    assert result["PRO"] == pytest.approx(metrics_reference_au_pro(maps, masks), abs=1e-9)  # regions per image
+    assert metrics.au_pro(maps, masks) == result["PRO"]
+    scores, image_labels = np.array([m.max() for m in maps]), np.array([int(k.any()) for k in masks])
+    assert metrics.evaluate_category(scores, image_labels, maps, masks) == {
+        **metrics.image_metrics(scores, image_labels), **result}
+
+
+def test_pixel_metrics_of_a_list_equal_those_of_the_stack_and_name_the_image_whose_sizes_differ():
+    rng = np.random.default_rng(4)
+    masks = metrics_random_masks(rng, 6, 11, 13, "noise")
+    maps = metrics_random_maps(rng, masks, 50)
+    assert metrics.pixel_metrics(list(maps), list(masks)) == metrics.pixel_metrics(maps, masks)
+    bad_masks = list(masks)
+    bad_masks[3] = masks[3][:, :-1]
+    with pytest.raises(ValueError, match=r"image 3: map \(11, 13\) and mask \(11, 12\)"):
+        metrics.pixel_metrics(list(maps), bad_masks)
+    with pytest.raises(ValueError, match="6 maps but 5 masks"):
+        metrics.pixel_metrics(list(maps), list(masks)[:5])
+
+
 # --- CLI ----------------------------------------------------------------------------------------------------
 
 
@@ -609,7 +758,8 @@ def test_cli_prints_the_table_and_writes_json_equal_to_the_functions(tmp_path):
         for m in metrics.METRICS:
             assert written["categories"][category][m] == pytest.approx(expected[category][m], abs=1e-12)
     assert written["mean"]["PRO"] == pytest.approx((expected["widget"]["PRO"] + expected["gadget"]["PRO"]) / 2)
-    assert written["info"]["widget"] == {"images": 8, "anomalous": 5, "map_size": [16, 16], "masks_resized": 0}
+    assert written["info"]["widget"] == {"images": 8, "anomalous": 5, "map_size": [16, 16], "map_sizes": [[16, 16]],
+                                         "masks_resized": 0, "first_mask_resized": None}
     assert "resized" not in result.stdout
 
 
@@ -617,7 +767,8 @@ def test_cli_resizes_masks_to_the_map_size_and_says_so(tmp_path):
     gt, pred, expected = metrics_write_trees(tmp_path, categories=("widget",), size=8, mask_size=16)
     result = run_cli("metrics.py", "--pred", pred, "--gt", gt, "--json", tmp_path / "run.json")
     assert result.returncode == 0, result.stderr
-    assert "widget: 5 ground-truth masks resized to the map size 8x8 (nearest neighbour)" in result.stdout
+    assert (f"widget: 5 ground-truth masks resized to the size of their map (nearest neighbour), e.g. "
+            f"{data.mask_path(gt, 'widget', 'crack', '000')} 16x16 -> 000.tiff 8x8.") in result.stdout
     written = json.loads((tmp_path / "run.json").read_text())
     assert written["info"]["widget"]["masks_resized"] == 5
     assert written["categories"]["widget"]["PRO"] == pytest.approx(expected["widget"]["PRO"], abs=1e-12)
@@ -665,6 +816,48 @@ def test_cli_summarize_prints_mean_and_std_over_runs(tmp_path):
     assert summary["categories"]["widget"]["I-AUC"]["n"] == 2
 
 
+def metrics_save_run(path: Path, values: dict) -> Path:
+    """A run JSON as --json writes it, one category 'widget' whose values are also the mean row."""
+    data.save_json({"metrics": list(metrics.METRICS), "categories": {"widget": dict(values)}, "mean": dict(values),
+                    "pred": str(path.with_suffix(""))}, path)
+    return path
+
+
+def test_cli_summarize_counts_the_runs_it_averages_not_the_files_given(tmp_path, capsys):
+    runs = [metrics_save_run(tmp_path / "a.json", {m: 0.8 for m in metrics.METRICS}),
+            metrics_save_run(tmp_path / "b.json", {m: 0.9 for m in metrics.METRICS}),
+            metrics_save_run(tmp_path / "c.json", {m: None for m in metrics.METRICS}),  # e.g. one class only
+            metrics_save_run(tmp_path / "d.json", {**{m: 0.7 for m in metrics.METRICS}, "PRO": None})]
+    assert metrics.main(["--summarize", *map(str, runs), "--json", str(tmp_path / "summary.json")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    widget = lines[1].split()
+    assert widget[1:4] == ["80.0", "±", "10.0"]  # I-AUC over a, b, d: mean 0.8, sample std 0.1
+    assert widget[-4:] == ["85.0", "±", "7.1", "(n=2)"]  # PRO over a and b only
+    assert lines[3] == (f"mean ± sample std over 3 runs; a cell marked (n=k) averages k runs, the others have no "
+                        f"value there; left out, every value null: {runs[2]}")
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["categories"]["widget"]["PRO"] == {"mean": pytest.approx(0.85), "std": pytest.approx(
+        np.std([0.8, 0.9], ddof=1)), "n": 2}
+    assert summary["runs_without_values"] == [str(runs[2])]
+    assert metrics.main(["--summarize", str(runs[0]), str(runs[1])]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "mean ± sample std over 2 runs"
+
+
+def test_cli_summarize_refuses_a_run_given_twice_by_path_or_by_content(tmp_path, capsys):
+    a = metrics_save_run(tmp_path / "a.json", {m: 0.8 for m in metrics.METRICS})
+    b = metrics_save_run(tmp_path / "b.json", {m: 0.9 for m in metrics.METRICS})
+    (tmp_path / "sub").mkdir()
+    for twice, message in (
+            ([a, b, tmp_path / "sub" / ".." / "a.json"], f"error: {tmp_path / 'sub' / '..' / 'a.json'}: given "
+                                                          f"twice (the same file as {a}); give each run once."),
+            ([a, b, shutil.copy(b, tmp_path / "copy.json")], f"error: {tmp_path / 'copy.json'}: the same content "
+                                                              f"as {b}, so the same run twice; give each run once.")):
+        assert metrics.main(["--summarize", *map(str, twice), "--json", str(tmp_path / "s.json")]) == 2
+        captured = capsys.readouterr()
+        assert captured.err.strip() == message and captured.out == ""
+        assert not (tmp_path / "s.json").exists()
+
+
 def metrics_assert_bad_input(result, *fragments):
     assert result.returncode == 2, result.stdout + result.stderr
     assert "Traceback" not in result.stderr
@@ -709,10 +902,84 @@ def test_cli_rejects_nan_in_a_map_and_in_scores_csv(tmp_path):
     metrics_assert_bad_input(run_cli("metrics.py", "--pred", pred, "--gt", gt), "scores.csv, line 3", "finite")
 
 
-def test_cli_rejects_maps_of_different_sizes_in_one_category(tmp_path):
+def test_cli_scores_a_category_of_three_image_sizes_as_the_references_do(tmp_path, capsys):
     gt, pred, _ = metrics_write_trees(tmp_path, categories=("widget",))
-    data.save_tiff(np.zeros((12, 16)), pred / "widget" / "test" / "crack" / "002.tiff")
-    metrics_assert_bad_input(run_cli("metrics.py", "--pred", pred, "--gt", gt), "crack/002.tiff", "16x12", "one size")
+    rng = np.random.default_rng(9)
+    # good/000 (the first map, which a one-size check would take as the size of all) and hole/000 differ.
+    for defect, stem, (height, width) in (("good", "000", (10, 14)), ("hole", "000", (12, 20))):
+        data.save_image(rng.integers(0, 255, (height, width, 3), dtype=np.uint8),
+                        gt / "widget/test" / defect / f"{stem}.png")
+        mask = np.zeros((height, width))
+        if defect == "hole":
+            mask[3:8, 5:9] = 1
+            mask[9:, 15] = 1
+            data.save_mask(mask, data.mask_path(gt, "widget", defect, stem))
+        data.save_tiff(rng.random((height, width)) + 0.5 * mask, pred / "widget/test" / defect / f"{stem}.tiff")
+    # crack/001's mask at twice its map's size: resized to the map by nearest neighbour, and named in a note.
+    crack_mask = data.load_mask(data.mask_path(gt, "widget", "crack", "001")) > 0.5
+    data.save_mask(np.kron(crack_mask, np.ones((2, 2))), data.mask_path(gt, "widget", "crack", "001"))
+
+    assert metrics.main(["--pred", str(pred), "--gt", str(gt), "--json", str(tmp_path / "run.json")]) == 0
+    out = capsys.readouterr().out
+    assert "widget: maps of 3 sizes (14x10, 16x16, 20x12)" in out
+    assert f"widget: 1 ground-truth masks resized to the size of their map (nearest neighbour), e.g. " \
+           f"{data.mask_path(gt, 'widget', 'crack', '001')} 32x32 -> 001.tiff 16x16." in out
+    written = json.loads((tmp_path / "run.json").read_text())
+    assert written["info"]["widget"]["map_size"] is None
+    assert written["info"]["widget"]["map_sizes"] == [[14, 10], [16, 16], [20, 12]]
+
+    samples = data.read_split(gt, "widget", "test")
+    maps = [data.load_tiff(pred / "widget" / data.prediction_path(s)) for s in samples]
+    masks = [np.zeros(m.shape, bool) if s.mask is None else
+             crack_mask if s.mask == data.mask_path(gt, "widget", "crack", "001") else data.load_mask(s.mask) > 0.5
+             for s, m in zip(samples, maps)]
+    assert [m.shape for m in masks] == [m.shape for m in maps]
+    pixels, labels = np.concatenate([m.ravel() for m in maps]), np.concatenate([k.ravel() for k in masks])
+    scores = metrics.read_scores_csv(pred / "widget/scores.csv")
+    image_scores = [scores[data.prediction_path(s)] for s in samples]
+    reference = {"I-AUC": roc_auc_score([s.label for s in samples], image_scores),
+                 "P-AUC": roc_auc_score(labels, pixels), "P-F1": metrics_reference_max_f1(pixels, labels),
+                 "PRO": metrics_reference_au_pro(maps, masks)}
+    for metric, value in reference.items():
+        assert written["categories"]["widget"][metric] == pytest.approx(value, abs=1e-9), metric
+
+
+def test_cli_json_path_that_cannot_be_written_is_one_sentence_before_evaluating(tmp_path, capsys, monkeypatch):
+    gt, pred, _ = metrics_write_trees(tmp_path, categories=("widget",))
+    run = metrics_save_run(tmp_path / "a.json", {m: 0.8 for m in metrics.METRICS})
+    (tmp_path / "plain_file").write_text("x")
+    (tmp_path / "folder").mkdir()
+    evaluated = []
+    monkeypatch.setattr(metrics, "load_category", lambda *args: evaluated.append(args))
+    monkeypatch.setattr(metrics, "load_run", lambda *args: evaluated.append(args))
+    for json_path, reason in ((Path("/proc/nope/run.json"), "its folder /proc/nope: cannot write in /proc"),
+                              (tmp_path / "plain_file/run.json", f"its folder {tmp_path / 'plain_file'}: is a file"),
+                              (tmp_path / "plain_file/sub/run.json",
+                               f"its folder {tmp_path / 'plain_file/sub'}: {tmp_path / 'plain_file'} is a file, so"),
+                              (tmp_path / "folder", "is a folder; give a file name.")):
+        for command in (["--pred", str(pred), "--gt", str(gt)], ["--summarize", str(run)]):
+            assert metrics.main([*command, "--json", str(json_path)]) == 2
+            captured = capsys.readouterr()
+            assert captured.err.startswith(f"error: --json {json_path}: {reason}"), captured.err
+            assert len(captured.err.strip().splitlines()) == 1 and captured.out == ""
+    assert evaluated == []  # refused before any work
+    monkeypatch.undo()
+    assert metrics.main(["--summarize", str(run), "--json", str(run)]) == 2
+    assert "is one of the runs to summarize" in capsys.readouterr().err
+    assert json.loads(run.read_text())["mean"]["PRO"] == 0.8
+
+
+def test_cli_into_a_closed_pipe_writes_the_json_and_exits_quietly(tmp_path):
+    gt, pred, expected = metrics_write_trees(tmp_path, categories=("widget",))
+    # The read end is closed before metrics.py prints anything (as `| head` does once it has its lines).
+    command = [sys.executable, "metrics.py", "--pred", pred, "--gt", gt, "--json", tmp_path / "r.json"]
+    process = subprocess.Popen(command, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    process.stdout.close()
+    stderr = process.stderr.read()
+    assert process.wait(timeout=120) == 141 and stderr == ""  # no traceback, no "Exception ignored"
+    written = json.loads((tmp_path / "r.json").read_text())
+    assert written["categories"]["widget"]["PRO"] == pytest.approx(expected["widget"]["PRO"], abs=1e-12)
 
 
 def test_cli_rejects_a_category_missing_from_the_ground_truth(tmp_path):
