@@ -1984,6 +1984,19 @@ def test_resume_refuses_another_attention_resolution_or_early_stop_window(cut_ti
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
 
 
+def test_cli_soft_mask_covers_a_full_frame_product_and_only_the_solid_object_of_an_object_photo(cut_tiny_sd, tmp_path):
+    out = tmp_path / "out"
+    for name in ("pcb_1.jpg", "cookie_1.png"):
+        assert cut.main(["--image", str(HERE / "examples" / name), *cut_quick_args(cut_tiny_sd, out, "--size", 128)]) == 0
+    board = data.load_mask(out / "pcb_1/ground_truth/damaged/pcb_1_0_mask.png", binarize=False)
+    cookie = data.load_mask(out / "cookie_1/ground_truth/damaged/cookie_1_0_mask.png", binarize=False)
+    assert (board > 0).mean() >= 0.9
+    assert cut_corners_are_background(cookie, 12) and cut_holes(cookie > 0) == 0 and 0.2 < (cookie > 0).mean() < 0.4
+    rules = {r["category"]: r["foreground_rule"] for name in ("pcb_1", "cookie_1")
+             for r in data.read_jsonl(out / name / "meta.jsonl")}
+    assert rules == {"pcb_1": "texture: a pattern cut by the border", "cookie_1": "object"}
+
+
 def test_cli_refuses_to_write_a_category_another_run_is_writing(cut_tiny_sd, tmp_path, monkeypatch, capsys):
     import fcntl
 
