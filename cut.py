@@ -45,7 +45,7 @@ import data
 
 MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # the original runwayml id is gone from the Hub
 STEPS = 200                                 # A.1: T = 200 DDIM steps
-GAMMA = 0.25                                # A.1: strength; denoise only the last round(gamma * T) steps
+GAMMA = 0.25                                # A.1: strength; denoise only the last int(gamma * T) steps
 GUIDANCE = 7.5                              # classifier-free guidance scale
 SIZE = 512                                  # SD 1.5's native resolution
 LAMBDA = 10.0                               # Eq. 5: base step size lambda
@@ -57,12 +57,12 @@ SOFTMAX_SCALE = 100.0                       # Eq. 3: temperature of the token so
 GAUSSIAN_SIGMA = 0.5                        # Eq. 3: 3 x 3 Gaussian smoothing
 MIN_FOREGROUND, MAX_FOREGROUND = 0.01, 0.99  # outside this coverage the foreground mask falls back to all
 # Step 3's rule (ours: the paper says only "simple binary thresholding"; see foreground_mask)
-BORDER_PURITY = 0.7      # under 70% of the border on one side of Otsu's threshold: a texture, no background
-SPECK = 0.001            # thresholded parts under 0.1% of the image are specks
-MINOR_PART = 0.1         # parts under 10% of the largest part are clutter (a tray's rim, glare), not the object
-OBJECT_SHARE = 0.8       # the object's parts hold at least 80% of the thresholded pixels, else it is scattered
-CLOSING = 0.02           # closing radius / image side: seals cracks and chips that open onto the object's rim
-BACKGROUND_HOLE = 0.01   # a hole of at least 1% of the image that looks like the background stays (a nut's centre)
+BORDER_PURITY = 0.7                         # under 70% of the border on one side: no background, a texture
+SPECK = 0.001                               # thresholded parts under 0.1% of the image are specks
+MINOR_PART = 0.1                            # parts under 10% of the largest are clutter (a tray's rim, glare)
+OBJECT_SHARE = 0.8                          # the object's parts hold >= 80% of their side, else it is scattered
+CLOSING = 0.02                              # closing radius / image side: seals chips and cracks at the rim
+BACKGROUND_HOLE = 0.01                      # a background-like hole >= 1% of the image stays (a nut's centre)
 LOSS_SCALE = 2.0 ** 16                      # fp16 UNet: initial loss scale, AMP GradScaler's default
 PREVIEW_SAMPLES = 8                         # ours: rows (samples) shown in preview.png
 
@@ -137,8 +137,8 @@ def dilate(mask: np.ndarray, radius: int, outside: bool = False) -> np.ndarray:
     return out
 
 
-def solid_region(parts: np.ndarray, gray: np.ndarray, background: np.ndarray) -> tuple[np.ndarray, int]:
-    """An object's thresholded parts (H, W) bool -> the solid object (H, W) bool and the number of holes filled.
+def solid_region(parts: np.ndarray, gray: np.ndarray, background: np.ndarray) -> np.ndarray:
+    """An object's thresholded parts (H, W) bool -> the solid object (H, W) bool.
 
     Closing seals cracks and chips that open onto the rim; then every hole is filled (chocolate chips, cracks,
     dark print: exactly where an anomaly may appear), except a large one that looks like the background
@@ -155,7 +155,7 @@ def solid_region(parts: np.ndarray, gray: np.ndarray, background: np.ndarray) ->
     looks_like_background = np.abs(mean - levels.mean()) <= 2 * levels.std() + 1
     stays = outer | ((size >= BACKGROUND_HOLE * H * W) & looks_like_background)
     stays[0] = False
-    return ~stays[holes], int((~stays[1:]).sum())
+    return ~stays[holes]
 
 
 def foreground_mask(image: np.ndarray) -> tuple[np.ndarray, dict]:
@@ -195,7 +195,7 @@ def foreground_mask(image: np.ndarray) -> tuple[np.ndarray, dict]:
         return result(whole, "texture: scattered parts")
     if kept.sum() > 1 and (kept & touching).any():
         return result(whole, "texture: a pattern cut by the border")
-    solid, _ = solid_region(kept[labels], gray, border & ~side) if kept.any() else (np.zeros((H, W), bool), 0)
+    solid = solid_region(kept[labels], gray, border & ~side) if kept.any() else np.zeros((H, W), bool)
     coverage = float(solid.mean())
     if not MIN_FOREGROUND <= coverage <= MAX_FOREGROUND:
         return result(whole, "whole image: object too small or too large",
