@@ -759,7 +759,6 @@ class Job:
     source: Path            # the normal image
     category: str
     seed: int
-    first: bool             # the image's first seed: this job's rank also copies it to train/good
 
 
 def parse_thresholds(text: str) -> dict[int, float]:
@@ -890,7 +889,7 @@ class JobList:
     def __getitem__(self, j: int) -> Job:
         i, k = divmod(j, self.n)
         source = self.sources[i]
-        return Job(source, self.categories[source], self.seed + k, k == 0)
+        return Job(source, self.categories[source], self.seed + k)
 
     def find(self, category: str, stem: str, seed) -> int | None:
         """The job that writes `stem`'s sample of `seed` in `category`, or None if this run has none."""
