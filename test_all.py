@@ -2240,8 +2240,14 @@ def vlad_make_synthetic_dataset(root, categories=("texture",), n_train: int = 4,
 
 
 def vlad_train_args(model: str, gen: Path, out: Path, *extra) -> list[str]:
+    """A train command line; the token cache is the folder `tokens` beside OUT (never the user's ~/.cache)."""
     return ["train", "--data", str(gen), "--out", str(out), "--model", model, "--image-size", str(VLAD_TINY_SIZE),
-            "--batch-size", "4", "--quiet", *map(str, extra)]
+            "--batch-size", "4", "--quiet", "--cache-dir", str(Path(out).parent / "tokens"), *map(str, extra)]
+
+
+def vlad_logits(probability: torch.Tensor, dim: int) -> torch.Tensor:
+    """Two-state logits {normal, abnormal} whose softmax gives `probability` as the abnormal state."""
+    return torch.stack([torch.zeros_like(probability), torch.log(probability / (1 - probability))], dim=dim)
 
 
 def vlad_bilinear(grid: np.ndarray, size: int) -> np.ndarray:
@@ -2266,9 +2272,10 @@ def test_focal_loss_equals_hand_computed_value():
     # -alpha_t (1 - p_t)^2 log p_t with alpha_t = 0.25 for positives, 0.75 for negatives
     expected = (-0.25 * 0.1 ** 2 * math.log(0.9) - 0.75 * 0.2 ** 2 * math.log(0.8)
                 - 0.75 * 0.6 ** 2 * math.log(0.4)) / 3
-    assert vlad.focal_loss(probability, target).item() == pytest.approx(expected, rel=1e-6)
+    logits = vlad_logits(probability, dim=-1)
+    assert vlad.focal_loss(logits, target).item() == pytest.approx(expected, rel=1e-6)
     expected_gamma0_alpha_half = (-0.5 * math.log(0.9) - 0.5 * math.log(0.8) - 0.5 * math.log(0.4)) / 3
-    assert vlad.focal_loss(probability, target, gamma=0.0, alpha=0.5).item() == pytest.approx(
+    assert vlad.focal_loss(logits, target, gamma=0.0, alpha=0.5).item() == pytest.approx(
         expected_gamma0_alpha_half, rel=1e-6)
 
 
@@ -2277,7 +2284,7 @@ def test_bce_with_soft_targets_equals_hand_computed_value():
     target = torch.tensor([[[1.0, 0.5], [0.0, 0.2]]])
     expected = -(math.log(0.8) + (0.5 * math.log(0.3) + 0.5 * math.log(0.7)) + math.log(0.5)
                  + (0.2 * math.log(0.1) + 0.8 * math.log(0.9))) / 4
-    assert vlad.bce_loss(probability, target).item() == pytest.approx(expected, rel=1e-6)
+    assert vlad.bce_loss(vlad_logits(probability, dim=1), target).item() == pytest.approx(expected, rel=1e-6)
 
 
 @pytest.mark.parametrize("beta", [0.5, 1.0, 2.0])
@@ -2307,7 +2314,8 @@ def test_total_loss_is_focal_plus_omega_times_stage_sum_of_bce_and_dice():
     focal = -0.25 * 0.3 ** 2 * math.log(0.7)
     expected = focal + 6 * (bce([0.8, 0.3, 0.5, 0.1], y) + dice_loss([0.8, 0.3, 0.5, 0.1], y)
                             + bce([0.6, 0.6, 0.2, 0.4], y) + dice_loss([0.6, 0.6, 0.2, 0.4], y))
-    stages = torch.stack([stage_1, stage_2], dim=1)
+    stages = vlad_logits(torch.stack([stage_1, stage_2], dim=1), dim=2)  # (B, L, 2, S, S)
+    s_vl = vlad_logits(s_vl, dim=-1)
     total = vlad.vlad_loss(s_vl, y_img, stages, y_pix)
     assert total.item() == pytest.approx(expected, rel=1e-6)
     # Table 4 ablation: y_img only is the focal term, y_pix only the weighted pixel terms
@@ -2365,7 +2373,7 @@ def test_vision_vision_map_equals_brute_force_eq9_and_chunked_equals_unchunked()
         np.testing.assert_allclose(m_vv[b], vlad_bilinear(distance.reshape(1, side, side), size)[0], atol=1e-5)
     tokens = torch.randn(batch, 3, side * side, channels, generator=generator)
     detector = vlad.VLAD(channels, channels, 3)
-    bank_of_self = vlad.build_memory_bank(detector, tokens)
+    bank_of_self = [features.reshape(-1, channels) for features in detector.patch_features(tokens)]
     text = torch.nn.functional.normalize(torch.randn(batch, 2, channels, generator=generator), dim=-1)
     embedding = torch.randn(batch, channels, generator=generator)
     anomaly_map, score = detector.detect(tokens, embedding, text, size, bank_of_self, chunk=7)
@@ -2385,7 +2393,8 @@ def test_untrained_vlad_image_score_equals_zero_shot_clip_abnormal_probability(v
     pixels = torch.stack([backbone.preprocess(data.load_image(p)) for p in paths])
     tokens, embedding = backbone.encode_images(pixels)
     text = backbone.text_features("texture")
-    _, s_vl = detector(tokens, embedding, text.expand(len(paths), -1, -1), VLAD_TINY_SIZE)
+    _, image_logits = detector(tokens, embedding, text.expand(len(paths), -1, -1), VLAD_TINY_SIZE)
+    s_vl = image_logits.softmax(dim=-1)[:, 1]
 
     # zero-shot CLIP, computed from the open_clip model's own encode_image / encode_text
     clip = backbone.model
@@ -2497,8 +2506,7 @@ def test_cached_and_uncached_training_give_the_same_adapter_weights(vlad_tiny_cl
     for cache in ("disk", "memory", "none"):
         assert vlad.main(vlad_train_args(vlad_tiny_clip, gen, tmp_path / cache, "--epochs", "2", "--cache", cache,
                                          "--extract-batch", "3")) == 0
-    assert len(list((tmp_path / "disk/token_cache").glob("*.safetensors"))) == 6
-    assert not (tmp_path / "none/token_cache").exists() and not (tmp_path / "memory/token_cache").exists()
+    assert len(list((tmp_path / "tokens").rglob("*.safetensors"))) == 6  # only the disk run writes a cache
     uncached = load_file(str(tmp_path / "none/vlad.safetensors"))
     for cache in ("disk", "memory"):
         cached = load_file(str(tmp_path / cache / "vlad.safetensors"))
@@ -2510,15 +2518,15 @@ def test_cached_and_uncached_training_give_the_same_adapter_weights(vlad_tiny_cl
 
 def test_sharded_token_caching_fills_disjoint_halves_then_a_plain_run_trains_on_them(vlad_tiny_clip, tmp_path):
     gen = vlad_make_synthetic_dataset(tmp_path / "gen", n_train=2, n_good=0, n_bad=5, soft=True)
-    cache = tmp_path / "run/token_cache"
+    cache = tmp_path / "tokens"
     assert vlad.main(vlad_train_args(vlad_tiny_clip, gen, tmp_path / "run", "--epochs", "1", "--shard", "0/2")) == 0
-    assert len(list(cache.glob("*.safetensors"))) == 4 and not (tmp_path / "run/vlad.safetensors").exists()
+    assert len(list(cache.rglob("*.safetensors"))) == 4 and not (tmp_path / "run/vlad.safetensors").exists()
     assert vlad.main(vlad_train_args(vlad_tiny_clip, gen, tmp_path / "run", "--epochs", "1", "--shard", "1/2")) == 0
-    written = {p: p.stat().st_mtime_ns for p in cache.glob("*.safetensors")}
+    written = {p: p.stat().st_mtime_ns for p in cache.rglob("*.safetensors")}
     assert len(written) == 7
     assert vlad.main(vlad_train_args(vlad_tiny_clip, gen, tmp_path / "run", "--epochs", "1")) == 0
-    assert {p: p.stat().st_mtime_ns for p in cache.glob("*.safetensors")} == written  # nothing recomputed
-    assert vlad.main(vlad_train_args(vlad_tiny_clip, gen, tmp_path / "plain", "--epochs", "1")) == 0
+    assert {p: p.stat().st_mtime_ns for p in cache.rglob("*.safetensors")} == written  # nothing recomputed
+    assert vlad.main(vlad_train_args(vlad_tiny_clip, gen, tmp_path / "plain", "--epochs", "1", "--cache", "none")) == 0
     sharded = load_file(str(tmp_path / "run/vlad.safetensors"))
     plain = load_file(str(tmp_path / "plain/vlad.safetensors"))
     for name in plain:  # other backbone batches in the shards: float rounding only
@@ -2529,18 +2537,19 @@ def test_resumed_training_equals_uninterrupted_training(vlad_tiny_clip, tmp_path
     gen = vlad_make_synthetic_dataset(tmp_path / "gen", n_train=2, n_good=0, n_bad=5, soft=True)
     assert vlad.main(vlad_train_args(vlad_tiny_clip, gen, tmp_path / "straight", "--epochs", "4")) == 0
 
-    append_jsonl = data.append_jsonl
+    write_derived_files = vlad.write_derived_files
 
-    def interrupt_after_epoch_2(record, path):
-        append_jsonl(record, path)
-        if record.get("epoch") == 2:
-            raise KeyboardInterrupt
+    def killed_between_the_state_and_the_files_after_epoch_2(run, adapters, config, log):
+        if config["epoch"] == 2:
+            raise KeyboardInterrupt  # the state of epoch 2 is on disk, vlad.safetensors/config/log still at 1
+        write_derived_files(run, adapters, config, log)
 
-    monkeypatch.setattr(data, "append_jsonl", interrupt_after_epoch_2)
+    monkeypatch.setattr(vlad, "write_derived_files", killed_between_the_state_and_the_files_after_epoch_2)
     with pytest.raises(KeyboardInterrupt):
         vlad.main(vlad_train_args(vlad_tiny_clip, gen, tmp_path / "resumed", "--epochs", "4"))
-    monkeypatch.setattr(data, "append_jsonl", append_jsonl)
-    assert json.loads((tmp_path / "resumed/config.json").read_text())["epoch"] == 2
+    monkeypatch.setattr(vlad, "write_derived_files", write_derived_files)
+    assert json.loads((tmp_path / "resumed/config.json").read_text())["epoch"] == 1
+    assert len(data.read_jsonl(tmp_path / "resumed/log.jsonl")) == 1
     assert vlad.main(vlad_train_args(vlad_tiny_clip, gen, tmp_path / "resumed", "--epochs", "4")) == 2  # no --resume
     assert vlad.main(vlad_train_args(vlad_tiny_clip, gen, tmp_path / "resumed", "--epochs", "4", "--resume",
                                      "--lr", "0.5")) == 2  # other settings than the run it continues
@@ -2550,8 +2559,12 @@ def test_resumed_training_equals_uninterrupted_training(vlad_tiny_clip, tmp_path
     assert straight.keys() == resumed.keys()
     for name in straight:
         assert torch.equal(straight[name], resumed[name]), name
-    assert [r["loss"] for r in data.read_jsonl(tmp_path / "straight/log.jsonl")] == \
-        [r["loss"] for r in data.read_jsonl(tmp_path / "resumed/log.jsonl")]
+    straight_log, resumed_log = (data.read_jsonl(tmp_path / f"{run}/log.jsonl") for run in ("straight", "resumed"))
+    assert [(r["epoch"], r["loss"], r["lr"]) for r in straight_log] == \
+        [(r["epoch"], r["loss"], r["lr"]) for r in resumed_log]  # the line of epoch 2 is not lost
+    assert [r["lr"] for r in straight_log] == pytest.approx(  # the rate each epoch used: cosine from lr
+        [vlad.LR * (1 + math.cos(math.pi * e / 4)) / 2 for e in range(4)], rel=1e-9)
+    assert json.loads((tmp_path / "resumed/config.json").read_text())["epoch"] == 4
     # resuming a finished run does no work: nothing in the run folder is rewritten
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "resumed").rglob("*")}
     assert vlad.main(vlad_train_args(vlad_tiny_clip, gen, tmp_path / "resumed", "--epochs", "4", "--resume")) == 0
@@ -2628,14 +2641,10 @@ def vlad_review_named_tiny_clip(tmp_path, name: str) -> tuple[str, str, str]:
 
 def test_predict_backbone_flags_never_fall_back_to_random_weights(tmp_path):
     name, weights_a, weights_b = vlad_review_named_tiny_clip(tmp_path, "vlad-review-tiny")
+    gen = vlad_make_synthetic_dataset(tmp_path / "gen", n_train=1, n_good=0, n_bad=1)
     run = tmp_path / "run"
-    run.mkdir()
-    detector = vlad.VLAD(64, 32, 4)
-    save_file({k: v.contiguous() for k, v in detector.state_dict().items()}, str(run / vlad.ADAPTERS_FILE))
-    (run / vlad.CONFIG_FILE).write_text(json.dumps({
-        "model": name, "pretrained": weights_a, "image_size": VLAD_TINY_SIZE, "stages": [1, 2, 3, 4],
-        "width": 64, "embed_dim": 32, "epoch": 0}))
-    expected_a, expected_b = load_file(weights_a), load_file(weights_b)
+    assert vlad.main(vlad_train_args(name, gen, run, "--pretrained", weights_a, "--epochs", "0")) == 0
+    expected_a = load_file(weights_a)
     key = "visual.transformer.resblocks.0.mlp.c_fc.weight"
 
     def backbone_weight(**flags):
@@ -2644,9 +2653,42 @@ def test_predict_backbone_flags_never_fall_back_to_random_weights(tmp_path):
 
     # --model alone (the same name, e.g. to be explicit) keeps the checkpoint's weights instead of random ones
     torch.testing.assert_close(backbone_weight(model=name), expected_a[key], atol=0, rtol=0)
-    # --pretrained alone (weights moved to a local file) is used, not silently ignored
-    torch.testing.assert_close(backbone_weight(pretrained=weights_b), expected_b[key], atol=0, rtol=0)
     torch.testing.assert_close(backbone_weight(), expected_a[key], atol=0, rtol=0)
+    # --pretrained alone (the weights moved to another file) is used, not silently ignored
+    moved = tmp_path / "moved" / "weights.safetensors"
+    moved.parent.mkdir()
+    shutil.copy(weights_a, moved)
+    torch.testing.assert_close(backbone_weight(pretrained=str(moved)), expected_a[key], atol=0, rtol=0)
+    # ... and other weights of the same shape are refused, not used to change every score
+    with pytest.raises(data.DataError, match="other weights"):
+        backbone_weight(pretrained=weights_b)
+
+
+def test_predict_refuses_a_backbone_of_the_same_shape_with_other_weights_or_activation(vlad_trained_run, tmp_path):
+    run, held_out = vlad_trained_run["run"], vlad_trained_run["held_out"]
+    trained_on = json.loads((run / "config.json").read_text())["model"]
+    folder = Path(trained_on[len("local-dir:"):])
+    copy = tmp_path / "copy"  # the same model in another folder: accepted, and it scores identically
+    shutil.copytree(folder, copy)
+    other_seed = build_tiny_clip(tmp_path / "other_seed", seed=5)
+    gelu = tmp_path / "gelu"  # the same weights with GELU instead of QuickGELU
+    shutil.copytree(folder, gelu)
+    config = json.loads((gelu / "open_clip_config.json").read_text())
+    config["model_cfg"]["quick_gelu"] = False
+    (gelu / "open_clip_config.json").write_text(json.dumps(config))
+    common = ["predict", "--ckpt", run, "--data", held_out, "--k-shot", "1"]
+    for model, what in ((other_seed, "other weights"), (f"local-dir:{gelu}", "other layers")):
+        result = run_cli("vlad.py", *common, "--out", tmp_path / "refused", "--model", model)
+        assert result.returncode == 2 and what in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+        assert not (tmp_path / "refused").exists()
+    assert vlad.main([str(a) for a in common] + ["--out", str(tmp_path / "a"), "--quiet"]) == 0
+    assert vlad.main([str(a) for a in common] + ["--out", str(tmp_path / "b"), "--quiet",
+                                                 "--model", f"local-dir:{copy}"]) == 0
+    assert (tmp_path / "a/texture/scores.csv").read_text() == (tmp_path / "b/texture/scores.csv").read_text()
+    recorded = json.loads((tmp_path / "a/texture/k_shot.json").read_text())["backbone"]
+    assert recorded == json.loads((run / "config.json").read_text())["backbone"]
+    assert len(recorded["weights_sha256"]) == 64
 
 
 def test_memory_bank_is_adapted_batch_by_batch_and_equals_one_batch(vlad_trained_run, tmp_path, monkeypatch):
@@ -2655,15 +2697,15 @@ def test_memory_bank_is_adapted_batch_by_batch_and_equals_one_batch(vlad_trained
     assert vlad.main(common + ["--out", str(tmp_path / "one_batch"), "--batch-size", "8"]) == 0
 
     seen = []
-    build_memory_bank = vlad.build_memory_bank
+    encode_images = vlad.Backbone.encode_images
 
-    def recording_build_memory_bank(detector, tokens):
-        seen.append(tokens.shape[0])
-        return build_memory_bank(detector, tokens)
+    def recording_encode_images(backbone, pixels):
+        seen.append(pixels.shape[0])
+        return encode_images(backbone, pixels)
 
-    monkeypatch.setattr(vlad, "build_memory_bank", recording_build_memory_bank)
+    monkeypatch.setattr(vlad.Backbone, "encode_images", recording_encode_images)
     assert vlad.main(common + ["--out", str(tmp_path / "batches"), "--batch-size", "2"]) == 0
-    assert seen == [2, 1]  # 3 normal images: never the raw tokens of all k at once
+    assert seen[:2] == [2, 1]  # 3 normal images: never the raw tokens of all k at once
     for tiff in sorted((tmp_path / "one_batch/texture/test").rglob("*.tiff")):
         other = tmp_path / "batches" / tiff.relative_to(tmp_path / "one_batch")
         np.testing.assert_allclose(data.load_tiff(tiff), data.load_tiff(other), atol=1e-5)
@@ -2675,10 +2717,14 @@ def test_memory_bank_is_adapted_batch_by_batch_and_equals_one_batch(vlad_trained
 
 def test_bad_stages_and_zero_sizes_are_one_clear_message_without_traceback(vlad_trained_run, tmp_path, capsys):
     gen = vlad_trained_run["gen"]
-    assert vlad.main(vlad_train_args("local-dir:" + str(tmp_path), gen, tmp_path / "run", "--stages", "1,x")) == 2
-    error = capsys.readouterr().err
-    assert "--stages '1,x'" in error and "Traceback" not in error and len(error.strip().splitlines()) == 1
-    assert not (tmp_path / "run").exists()
+    for stages, complaint in (("1,x", "block numbers joined by commas"), ("2,2", "each block once")):
+        with pytest.raises(SystemExit) as exit_info:  # at parse time: before a model loads or a cache fills
+            vlad.main(vlad_train_args("local-dir:" + str(tmp_path), gen, tmp_path / "run", "--stages", stages))
+        assert exit_info.value.code == 2
+        error = capsys.readouterr().err
+        assert f"--stages: {complaint}" in error.replace("argument --stages", "--stages") and \
+            repr(stages) in error and "Traceback" not in error
+    assert not (tmp_path / "run").exists() and not (tmp_path / "tokens").exists()
     for argv in (vlad_train_args("local-dir:" + str(tmp_path), gen, tmp_path / "run", "--batch-size", "0"),
                  vlad_train_args("local-dir:" + str(tmp_path), gen, tmp_path / "run", "--extract-batch", "0"),
                  ["predict", "--ckpt", str(vlad_trained_run["run"]), "--data", str(vlad_trained_run["held_out"]),

@@ -10,7 +10,8 @@ on the folders `cut.py` writes.
     python vlad.py predict --ckpt RUN --data ROOT --k-shot 4 --seed 0 --out PRED
 
 The backbone never changes and nothing is augmented, so its tokens are computed once per training image and
-cached on disk (RUN/token_cache/); the epochs then cost only the adapters.
+cached on disk, in one folder keyed by content that every run shares (--cache-dir, ~/.cache/vlad/tokens by
+default); the epochs then cost only the adapters.
 """
 
 from __future__ import annotations
@@ -56,7 +57,6 @@ FOCAL_ALPHA = 0.25  # Lin et al.; the paper does not give alpha
 DICE_BETA = 1.0  # Eq. 6
 NN_CHUNK = 4096  # rows per block of the exact nearest-neighbour search: memory is NN_CHUNK^2 floats at most
 SEED = 0
-EPSILON = 1e-12  # keeps log() finite where a probability is exactly 0
 
 # WinCLIP's state words (reused by APRIL-GAN and AnomalyGPT); {} is the category name.
 NORMAL_STATES = ["{}", "flawless {}", "perfect {}", "unblemished {}", "{} without flaw", "{} without defect",
@@ -162,11 +162,30 @@ class Backbone:
         preprocess_cfg = open_clip.get_model_preprocess_cfg(model)
         self.mean, self.std = tuple(preprocess_cfg["mean"]), tuple(preprocess_cfg["std"])
         self._text_cache: dict[str, torch.Tensor] = {}
+        self._identity: dict | None = None
+
+    def identity(self) -> dict:
+        """What the backbone computes, whatever it is called: a hash of its weights and the kinds of its modules
+        (QuickGELU and GELU give equal weights different outputs). Two names for one model (a Hub tag and a
+        local copy) have one identity; other weights or another activation have another.
+
+        The weights are hashed rounded to fp16, which is what open_clip's fp16 load rounds them to, so fp32 and
+        fp16 loads of one model agree; a bf16 load is hashed at bf16 and agrees only with bf16 loads."""
+        if self._identity is None:
+            rounding = torch.bfloat16 if self.dtype == torch.bfloat16 else torch.float16
+            digest = hashlib.sha256()
+            for name, tensor in sorted(self.model.state_dict().items()):
+                digest.update(f"{name}:{tuple(tensor.shape)}:".encode())
+                digest.update(tensor.detach().to(rounding).cpu().contiguous().view(torch.int16).numpy().tobytes())
+            kinds = sorted({type(m).__name__.replace("LayerNormFp32", "LayerNorm") for m in self.model.modules()})
+            self._identity = {"weights_sha256": digest.hexdigest(), "rounding": str(rounding).split(".")[-1],
+                              "modules": hashlib.sha256(",".join(kinds).encode()).hexdigest()[:16]}
+        return self._identity
 
     def signature(self) -> dict:
-        """What the tokens depend on: a cache written under another signature is not reused."""
-        return {"model": self.model_name, "pretrained": self.pretrained, "image_size": self.image_size,
-                "stages": self.stages, "precision": self.precision}
+        """What the tokens depend on: a cache entry written under another signature is never read."""
+        return {**self.identity(), "image_size": self.image_size, "stages": self.stages,
+                "precision": self.precision, "mean": self.mean, "std": self.std}
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         return preprocess(image, self.image_size, self.mean, self.std)
@@ -206,39 +225,51 @@ def _grid_side(n_tokens: int) -> int:
     return side
 
 
-def vision_language_maps(patch_features: list[torch.Tensor], text_features: torch.Tensor, image_size: int,
-                         logit_scale: float = LOGIT_SCALE) -> torch.Tensor:
-    """Eq. 8, pixel level, per stage: softmax over {normal, abnormal} of the upsampled logits.
+def vision_language_logits(patch_features: list[torch.Tensor], text_features: torch.Tensor, image_size: int,
+                           logit_scale: float = LOGIT_SCALE) -> torch.Tensor:
+    """Eq. 8, pixel level, per stage, before the softmax: the {normal, abnormal} logits, upsampled.
 
     patch_features: L tensors (B, N, C), L2-normalized; text_features: (B, 2, C) (each image its category's).
-    Returns the abnormal probability per stage, (B, L, S, S); M_VL is its sum over stages."""
-    maps = []
+    Returns (B, L, 2, S, S). Upsampling is linear, so it commutes with taking the logit gap."""
+    stages = []
     for features in patch_features:
         batch, n_tokens, _ = features.shape
         side = _grid_side(n_tokens)
         logits = logit_scale * torch.einsum("bnc,bkc->bkn", features, text_features)  # (B, 2, N)
-        logits = F.interpolate(logits.reshape(batch, 2, side, side), size=(image_size, image_size),
-                               mode="bilinear", align_corners=False)
-        maps.append(logits.softmax(dim=1)[:, 1])
-    return torch.stack(maps, dim=1)
+        stages.append(F.interpolate(logits.reshape(batch, 2, side, side), size=(image_size, image_size),
+                                    mode="bilinear", align_corners=False))
+    return torch.stack(stages, dim=1)
+
+
+def vision_language_maps(patch_features: list[torch.Tensor], text_features: torch.Tensor, image_size: int,
+                         logit_scale: float = LOGIT_SCALE) -> torch.Tensor:
+    """Eq. 8, pixel level: the abnormal probability per stage, (B, L, S, S); M_VL is its sum over stages."""
+    return vision_language_logits(patch_features, text_features, image_size, logit_scale).softmax(dim=2)[:, :, 1]
+
+
+def vision_language_score_logits(image_features: torch.Tensor, text_features: torch.Tensor,
+                                 logit_scale: float = LOGIT_SCALE) -> torch.Tensor:
+    """Eq. 8, image level, before the softmax: 100 * F_image . F_text^T. (B, C), (B, 2, C) -> (B, 2)."""
+    return logit_scale * torch.einsum("bc,bkc->bk", image_features, text_features)
 
 
 def vision_language_score(image_features: torch.Tensor, text_features: torch.Tensor,
                           logit_scale: float = LOGIT_SCALE) -> torch.Tensor:
     """Eq. 8, image level: S_VL = softmax(100 * F_image . F_text^T)[abnormal]. (B, C), (B, 2, C) -> (B,)."""
-    logits = logit_scale * torch.einsum("bc,bkc->bk", image_features, text_features)
-    return logits.softmax(dim=-1)[:, 1]
+    return vision_language_score_logits(image_features, text_features, logit_scale).softmax(dim=-1)[:, 1]
 
 
 def nearest_neighbour_distance(queries: torch.Tensor, bank: torch.Tensor, chunk: int = NN_CHUNK) -> torch.Tensor:
-    """1 - max cosine similarity of each query to the bank, exact, in chunk x chunk blocks.
+    """1 - max cosine similarity of each query to the bank, exact, in chunk x chunk blocks, in float32 whatever
+    the bank's dtype (an fp16 similarity near 1 would be rounded to 5e-4, the size of a normal patch's distance).
 
-    queries (Q, C) and bank (M, C) are L2-normalized. Returns (Q,)."""
-    best = torch.full((queries.shape[0],), -math.inf, dtype=queries.dtype, device=queries.device)
+    queries (Q, C) and bank (M, C) are L2-normalized. Returns (Q,) float32."""
+    queries = queries.float()
+    best = torch.full((queries.shape[0],), -math.inf, dtype=torch.float32, device=queries.device)
     for q0 in range(0, queries.shape[0], chunk):
         block = queries[q0:q0 + chunk]
         for b0 in range(0, bank.shape[0], chunk):
-            similarity = block @ bank[b0:b0 + chunk].T  # (q, m)
+            similarity = block @ bank[b0:b0 + chunk].float().T  # (q, m)
             best[q0:q0 + chunk] = torch.maximum(best[q0:q0 + chunk], similarity.max(dim=1).values)
     return 1.0 - best
 
@@ -258,22 +289,27 @@ def vision_vision_map(patch_features: list[torch.Tensor], memory_bank: list[torc
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Eq. 6-7: the losses, on probabilities
+# Eq. 6-7: the losses. Focal and BCE from the two-state logits (log_softmax), Dice on probabilities (Eq. 6)
 # ---------------------------------------------------------------------------------------------------------
+# At logit scale 100 a confident mistake saturates a probability: a logit gap of 17 already rounds p to 1.0 in
+# float32, so log(1 - p) would need a clamp and its gradient would be 0. log_softmax keeps it exact (about 1).
 
 
-def focal_loss(probability: torch.Tensor, target: torch.Tensor, gamma: float = FOCAL_GAMMA,
+def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = FOCAL_GAMMA,
                alpha: float = FOCAL_ALPHA) -> torch.Tensor:
-    """Binary focal loss, mean over the batch: -alpha_t (1 - p_t)^gamma log p_t. (B,), (B,) -> scalar."""
-    p_t = target * probability + (1 - target) * (1 - probability)
+    """Binary focal loss, mean over the batch: -alpha_t (1 - p_t)^gamma log p_t.
+    logits (B, 2) = {normal, abnormal}, target (B,) in {0, 1} -> scalar."""
+    log_p = logits.log_softmax(dim=-1)
+    log_p_t = target * log_p[:, 1] + (1 - target) * log_p[:, 0]
     alpha_t = target * alpha + (1 - target) * (1 - alpha)
-    return (-alpha_t * (1 - p_t) ** gamma * torch.log(p_t.clamp_min(EPSILON))).mean()
+    return (-alpha_t * (1 - log_p_t.exp()) ** gamma * log_p_t).mean()
 
 
-def bce_loss(probability: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Binary cross-entropy with soft targets y_pix in [0, 1], mean over all pixels."""
-    return -(target * torch.log(probability.clamp_min(EPSILON))
-             + (1 - target) * torch.log((1 - probability).clamp_min(EPSILON))).mean()
+def bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy with soft targets y_pix in [0, 1], mean over all pixels.
+    logits (B, 2, H, W) = {normal, abnormal}, target (B, H, W) -> scalar."""
+    log_p = logits.log_softmax(dim=1)
+    return -(target * log_p[:, 1] + (1 - target) * log_p[:, 0]).mean()
 
 
 def dice_loss(probability: torch.Tensor, target: torch.Tensor, beta: float = DICE_BETA) -> torch.Tensor:
@@ -285,19 +321,19 @@ def dice_loss(probability: torch.Tensor, target: torch.Tensor, beta: float = DIC
     return (1 - dice / (dice + beta)).mean()
 
 
-def vlad_loss(image_probability: torch.Tensor, y_img: torch.Tensor, stage_maps: torch.Tensor, y_pix: torch.Tensor,
+def vlad_loss(image_logits: torch.Tensor, y_img: torch.Tensor, stage_logits: torch.Tensor, y_pix: torch.Tensor,
               omega: float = OMEGA, gamma: float = FOCAL_GAMMA, alpha: float = FOCAL_ALPHA,
               beta: float = DICE_BETA, terms: str = "both") -> torch.Tensor:
     """Eq. 7: L = Focal(y_img, S_VL) + omega * sum_i (BCE(y_pix, p_i) + L_Dice(y_pix, p_i)).
-    image_probability (B,), y_img (B,), stage_maps (B, L, S, S), y_pix (B, S, S).
+    image_logits (B, 2), y_img (B,), stage_logits (B, L, 2, S, S), y_pix (B, S, S).
     terms: 'both' is Eq. 7; 'image' keeps only the focal term, 'pixel' only the pixel terms (Table 4)."""
     if terms not in LOSS_TERMS:
         raise ValueError(f"terms must be one of {LOSS_TERMS}, got {terms!r}")
-    image = focal_loss(image_probability, y_img, gamma, alpha)
+    image = focal_loss(image_logits, y_img, gamma, alpha)
     if terms == "image":
         return image
-    pixel = sum(bce_loss(stage_maps[:, i], y_pix) + dice_loss(stage_maps[:, i], y_pix, beta)
-                for i in range(stage_maps.shape[1]))
+    pixel = sum(bce_loss(stage_logits[:, i], y_pix) + dice_loss(stage_logits[:, i].softmax(dim=1)[:, 1], y_pix, beta)
+                for i in range(stage_logits.shape[1]))
     return omega * pixel if terms == "pixel" else image + omega * pixel
 
 
@@ -328,9 +364,9 @@ class VLAD(nn.Module):
 
     def forward(self, tokens: torch.Tensor, embedding: torch.Tensor, text_features: torch.Tensor,
                 image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> per-stage abnormal probabilities (B, L, S, S) and S_VL (B,)."""
-        stage_maps = vision_language_maps(self.patch_features(tokens), text_features, image_size)
-        return stage_maps, vision_language_score(self.image_features(embedding), text_features)
+        """-> per-stage pixel logits (B, L, 2, S, S) and image logits (B, 2), what the losses take."""
+        stage_logits = vision_language_logits(self.patch_features(tokens), text_features, image_size)
+        return stage_logits, vision_language_score_logits(self.image_features(embedding), text_features)
 
     @torch.no_grad()
     def detect(self, tokens: torch.Tensor, embedding: torch.Tensor, text_features: torch.Tensor, image_size: int,
@@ -348,9 +384,34 @@ class VLAD(nn.Module):
 
 
 @torch.no_grad()
-def build_memory_bank(vlad: VLAD, tokens: torch.Tensor) -> list[torch.Tensor]:
-    """Eq. 9's B_i: the adapted patch tokens of the k normal images. (k, L, N, width) -> L x (k * N, C)."""
-    return [features.reshape(-1, features.shape[-1]) for features in vlad.patch_features(tokens)]
+def collect_memory_bank(backbone: Backbone, vlad: VLAD, images: list, batch_size: int = 8,
+                        dtype: torch.dtype = torch.float32, progress: bool = False) -> list[torch.Tensor]:
+    """Eq. 9's B_i: the adapted patch tokens of the k normal images, L x (k * N, C) in `dtype`.
+
+    The bank is allocated once at its final size and filled batch by batch, so its peak is the bank itself plus
+    one batch: the raw tokens of all k images (full-shot ViT-L: 400 x 4 x 1369 x 1024) and a second copy of
+    the bank (the parts before a concatenation) never exist. fp16 halves it; the search still accumulates in
+    fp32 (`nearest_neighbour_distance`)."""
+    bank = None
+    for start in tqdm(range(0, len(images), batch_size), desc="memory bank", unit="batch", disable=not progress):
+        chunk = images[start:start + batch_size]
+        pixels = torch.stack([backbone.preprocess(data.load_image(p)) for p in chunk])
+        features = vlad.patch_features(backbone.encode_images(pixels)[0])  # L x (b, N, C), float32
+        if bank is None:
+            n_tokens, channels = features[0].shape[1:]
+            bank = [torch.empty(len(images) * n_tokens, channels, dtype=dtype, device=features[0].device)
+                    for _ in features]
+        rows = slice(start * n_tokens, (start + len(chunk)) * n_tokens)
+        for stage, stage_features in zip(bank, features):
+            stage[rows] = stage_features.reshape(-1, channels).to(dtype)
+        del features
+    return bank
+
+
+def memory_bank_bytes(n_images: int, n_stages: int, n_tokens: int, channels: int, dtype: torch.dtype) -> int:
+    """The bank's own size: k x L x N x C x bytes (ViT-L-14 at 518 px: 4 x 1369 x 768 x 2 = 8.4 MB per image
+    in fp16)."""
+    return n_images * n_stages * n_tokens * channels * torch.empty((), dtype=dtype).element_size()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -377,15 +438,18 @@ def training_samples(data_roots: list, aux_roots: list) -> list[data.Sample]:
 
 
 def load_target(sample: data.Sample, image_size: int) -> np.ndarray:
-    """y_pix at the input size: the soft mask (probability = pixel / 255), zeros for a normal image."""
+    """y_pix at the input size as uint8, 255 x the probability: the soft mask's own 8-bit values (resized
+    bilinearly by PIL, which rounds to 8 bits), zeros for a normal image. Stored as it is read, a quarter of
+    float32, and exact: every cache mode trains on the same y_pix."""
     if sample.mask is None:
-        return np.zeros((image_size, image_size), np.float32)
-    return data.load_mask(sample.mask, size=(image_size, image_size), binarize=False)
+        return np.zeros((image_size, image_size), np.uint8)
+    mask = data.load_mask(sample.mask, size=(image_size, image_size), binarize=False)
+    return np.rint(mask * 255).astype(np.uint8)
 
 
 def compute_entries(backbone: Backbone, samples: list[data.Sample]) -> dict[str, torch.Tensor]:
     """Everything one batch of images contributes to training: tokens (B, L, N, width) and embedding (B, C) in
-    the backbone's dtype on CPU, y_pix (B, S, S) and y_img (B,) float32."""
+    the backbone's dtype on CPU, y_pix (B, S, S) uint8 (255 x the probability) and y_img (B,) float32."""
     pixels = torch.stack([backbone.preprocess(data.load_image(s.image)) for s in samples])
     tokens, embedding = backbone.encode_images(pixels)
     return {"tokens": tokens.cpu(), "embedding": embedding.cpu(),
@@ -393,36 +457,71 @@ def compute_entries(backbone: Backbone, samples: list[data.Sample]) -> dict[str,
             "y_img": torch.tensor([float(s.label) for s in samples])}
 
 
+ENTRY_NAMES = ("embedding", "tokens", "y_img", "y_pix")
+
+
+def default_cache_dir() -> Path:
+    """$XDG_CACHE_HOME/vlad/tokens, else ~/.cache/vlad/tokens: outside every run, so runs share it."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vlad" / "tokens"
+
+
+def file_sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 class TokenCache:
     """The frozen backbone's outputs per training image, computed once.
 
-    mode 'disk': one safetensors file per image in `folder` (memory-mapped when read, written atomically, so an
-    interrupted run keeps what it finished and shards can fill it in parallel); mode 'memory': kept in RAM;
-    mode 'none': recomputed for every batch (the slow reference the cache must agree with)."""
+    mode 'disk': one safetensors file per image in `folder`, named by content: the backbone's signature (its
+    weights hash, input size, stages, precision) and the bytes of the image and of its mask. So the folder can
+    be shared by every run that sees the same image (reproduce.sh's 16 runs all read the auxiliary set's one
+    copy), a changed image or backbone is never served a stale entry, and a copied dataset still hits. Entries
+    are written atomically, so an interrupted run keeps what it finished, shards (or two runs) can fill it in
+    parallel, and a reader never sees half a file; an entry that cannot be read is computed again.
+    mode 'memory': kept in RAM; mode 'none': recomputed for every batch (the slow reference the cache must agree
+    with). `computed` and `reused` count this process's work."""
 
     def __init__(self, backbone: Backbone, samples: list[data.Sample], mode: str = "disk", folder=None,
                  batch_size: int = 8):
         if mode not in ("disk", "memory", "none"):
             raise ValueError(f"cache mode must be disk, memory or none, got {mode!r}")
         self.backbone, self.samples, self.mode, self.batch_size = backbone, samples, mode, batch_size
-        self.folder = Path(folder) if folder is not None else None
+        self.folder = Path(folder) if folder is not None else default_cache_dir()
         self.memory: dict[int, dict[str, torch.Tensor]] = {}
-        signature = json.dumps(backbone.signature(), sort_keys=True)
-        self.keys = [self._key(signature, s) for s in samples]
+        self.computed = self.reused = 0
+        self.keys: list[str] = []
+        if mode == "disk":
+            signature = json.dumps(backbone.signature(), sort_keys=True)
+            self.keys = [self._key(signature, s) for s in samples]
 
     @staticmethod
     def _key(signature: str, sample: data.Sample) -> str:
-        """A changed image, mask or backbone gives another file name, so a stale entry is never read."""
-        parts = [signature]
-        for path in (sample.image, sample.mask):
-            if path is not None:
-                stat = Path(path).stat()
-                parts.append(f"{Path(path).resolve()}|{stat.st_mtime_ns}|{stat.st_size}")
-        parts.append(str(sample.label))
-        return hashlib.sha1("\n".join(parts).encode()).hexdigest()
+        parts = [signature, file_sha256(sample.image), file_sha256(sample.mask) if sample.mask else "-",
+                 str(sample.label)]
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
     def _file(self, index: int) -> Path:
-        return self.folder / f"{self.keys[index]}.safetensors"
+        key = self.keys[index]
+        return self.folder / key[:2] / f"{key}.safetensors"  # 256 subfolders: no folder of 100,000 files
+
+    def _store(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
+        """Compute the entries of these images, write them (disk) or keep them (memory), and return them."""
+        entries = compute_entries(self.backbone, [self.samples[i] for i in indices])
+        rows = []
+        for row, index in enumerate(indices):
+            entry = {name: value[row].contiguous() for name, value in entries.items()}
+            if self.mode == "disk":
+                with data.atomic_path(self._file(index)) as temporary:
+                    save_file(entry, str(temporary))
+            elif self.mode == "memory":
+                self.memory[index] = entry
+            rows.append(entry)
+        self.computed += len(indices)
+        return rows
 
     def fill(self, rank: int = 0, world: int = 1, progress: bool = True) -> None:
         """Compute the missing entries of this rank's shard."""
@@ -433,38 +532,53 @@ class TokenCache:
             missing = [i for i in indices if not self._file(i).is_file()]
         else:
             missing = [i for i in indices if i not in self.memory]
+        self.reused += len(indices) - len(missing)
         bar = tqdm(total=len(missing), desc="caching backbone tokens", unit="img", disable=not progress)
         for start in range(0, len(missing), self.batch_size):
             batch = missing[start:start + self.batch_size]
-            entries = compute_entries(self.backbone, [self.samples[i] for i in batch])
-            for row, index in enumerate(batch):
-                entry = {name: value[row].contiguous() for name, value in entries.items()}
-                if self.mode == "disk":
-                    with data.atomic_path(self._file(index)) as temporary:
-                        save_file(entry, str(temporary))
-                else:
-                    self.memory[index] = entry
+            self._store(batch)
             bar.update(len(batch))
         bar.close()
 
+    def _read(self, index: int) -> dict[str, torch.Tensor]:
+        """One disk entry; computed again when it is missing or unreadable (a copy cut short, a full disk)."""
+        path = self._file(index)
+        try:
+            entry = load_file(str(path))
+            if tuple(sorted(entry)) != ENTRY_NAMES or entry["tokens"].shape[0] != len(self.backbone.stages):
+                raise ValueError(f"holds {sorted(entry)}")
+            return entry
+        except Exception as error:  # safetensors raises its own error types, OSError, ValueError, ...
+            if path.exists():
+                print(f"warning: {path}: unreadable token cache entry ({str(error)[:80]}); computing it again",
+                      file=sys.stderr)
+            return self._store([index])[0]
+
     def get(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        """The stacked entries of the given training images."""
+        """The stacked entries of the given training images, y_pix as float32 probabilities."""
         if self.mode == "none":
-            return compute_entries(self.backbone, [self.samples[i] for i in indices])
-        if self.mode == "memory":
-            rows = [self.memory[i] for i in indices]
+            rows = self._store(indices)
+        elif self.mode == "memory":
+            rows = [self.memory[i] if i in self.memory else self._store([i])[0] for i in indices]
         else:
-            rows = [load_file(str(self._file(i))) for i in indices]
-        return {name: torch.stack([row[name] for row in rows]) for name in rows[0]}
+            rows = [self._read(i) for i in indices]
+        batch = {name: torch.stack([row[name] for row in rows]) for name in rows[0]}
+        batch["y_pix"] = batch["y_pix"].float() / 255.0
+        return batch
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Checkpoints: adapters (safetensors) + config (JSON); resume state in a second safetensors file. Never pickle.
+# Checkpoints, one consistent unit: RUN/train_state.safetensors holds the adapters, Adam, the scheduler, the
+# epoch, the config and the whole log. The files users read are derived from it after it is written:
+# vlad.safetensors (the adapters, with the config and epoch in its own metadata, which is what predict reads),
+# config.json and log.jsonl. A kill between two writes leaves them one epoch behind, never inconsistent, and
+# the next train (resumed or finished) rewrites them from the state. Never pickled.
 # ---------------------------------------------------------------------------------------------------------
 
 ADAPTERS_FILE = "vlad.safetensors"
 CONFIG_FILE = "config.json"
 STATE_FILE = "train_state.safetensors"
+LOG_FILE = "log.jsonl"
 
 
 def optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list]:
@@ -486,19 +600,34 @@ def optimizer_from_tensors(tensors: dict[str, torch.Tensor], param_groups: list)
     return {"state": state, "param_groups": param_groups}
 
 
-def save_checkpoint(run: Path, vlad: VLAD, optimizer, scheduler, config: dict) -> None:
-    """Resume state first (one atomic file holds adapters + optimizer + scheduler + epoch, so it is always
-    consistent), then the adapters and the config that `predict` reads."""
-    adapters = {f"vlad.{k}": v.detach().contiguous() for k, v in vlad.state_dict().items()}
+def write_derived_files(run: Path, adapters: dict[str, torch.Tensor], config: dict, log: list[dict]) -> None:
+    """vlad.safetensors, config.json and log.jsonl from one state; each written only if it differs."""
+    metadata = {"epoch": str(config["epoch"]), "config": json.dumps(config, sort_keys=True)}
+    adapters_file = run / ADAPTERS_FILE
+    try:
+        with safe_open(str(adapters_file), framework="pt") as handle:
+            current = handle.metadata() == metadata
+    except Exception:  # missing or unreadable: write it
+        current = False
+    if not current:
+        with data.atomic_path(adapters_file) as temporary:
+            save_file(adapters, str(temporary), metadata=metadata)
+    for text, path in ((json.dumps(config, indent=2, sort_keys=True) + "\n", run / CONFIG_FILE),
+                       ("".join(json.dumps(record) + "\n" for record in log), run / LOG_FILE)):
+        if not path.is_file() or path.read_text(encoding="utf-8") != text:
+            data.save_text(text, path)
+
+
+def save_checkpoint(run: Path, vlad: VLAD, optimizer, scheduler, config: dict, log: list[dict]) -> None:
+    """The training state first (one atomic file: the unit a resume trusts), then the files derived from it."""
+    adapters = {k: v.detach().contiguous() for k, v in vlad.state_dict().items()}
     optimizer_tensors, param_groups = optimizer_to_tensors(optimizer)
-    metadata = {"epoch": str(config["epoch"]), "config": json.dumps(config),
+    metadata = {"epoch": str(config["epoch"]), "config": json.dumps(config), "log": json.dumps(log),
                 "param_groups": json.dumps(param_groups), "scheduler": json.dumps(scheduler.state_dict())}
     with data.atomic_path(run / STATE_FILE) as temporary:
-        save_file({**adapters, **optimizer_tensors}, str(temporary), metadata=metadata)
-    with data.atomic_path(run / ADAPTERS_FILE) as temporary:
-        save_file({k[len("vlad."):]: v for k, v in adapters.items()}, str(temporary),
-                  metadata={"epoch": str(config["epoch"])})
-    data.save_json(config, run / CONFIG_FILE)
+        save_file({**{f"vlad.{k}": v for k, v in adapters.items()}, **optimizer_tensors}, str(temporary),
+                  metadata=metadata)
+    write_derived_files(run, adapters, config, log)
 
 
 def load_train_state(run: Path) -> tuple[dict, dict[str, torch.Tensor], dict]:
@@ -508,44 +637,61 @@ def load_train_state(run: Path) -> tuple[dict, dict[str, torch.Tensor], dict]:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata()
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        config = json.loads(metadata["config"])
     except Exception as error:
         raise DataError(f"{path}: cannot read the training state ({error}); start again without --resume.") from None
-    return json.loads(metadata["config"]), tensors, metadata
+    return config, tensors, metadata
 
 
 def load_detector(run, model: str | None = None, pretrained: str | None = None, device: str = "cpu",
                   precision: str = "fp32") -> tuple[Backbone, VLAD, dict]:
-    """The backbone named in RUN/config.json (or the one given) with the trained adapters on it."""
+    """The backbone the adapters of RUN were trained on (or the one given, which must compute the same thing:
+    a local copy, another precision) with the trained adapters on it; and the config they were saved with."""
     run = Path(run)
-    config_path, adapters_path = run / CONFIG_FILE, run / ADAPTERS_FILE
-    if not config_path.is_file() or not adapters_path.is_file():
-        raise DataError(f"{run}: no {CONFIG_FILE} + {ADAPTERS_FILE}; pass the --out folder of `vlad.py train`.")
+    adapters_path = run / ADAPTERS_FILE
+    if not adapters_path.is_file():
+        raise DataError(f"{run}: no {ADAPTERS_FILE}; pass the --out folder of `vlad.py train`.")
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-        adapters = load_file(str(adapters_path))
-        required = ("model", "pretrained", "image_size", "stages", "width", "embed_dim")
+        with safe_open(str(adapters_path), framework="pt") as handle:
+            config = json.loads((handle.metadata() or {})["config"])
+            adapters = {key: handle.get_tensor(key) for key in handle.keys()}
+        required = ("model", "pretrained", "image_size", "stages", "width", "embed_dim", "backbone")
         missing = [key for key in required if key not in config]
     except Exception as error:
-        raise DataError(f"{run}: cannot read the checkpoint ({error}); is it complete?") from None
+        raise DataError(f"{adapters_path}: cannot read the checkpoint ({str(error)[:120]}); is it complete, and "
+                        f"written by this version of `vlad.py train`?") from None
     if missing:
-        raise DataError(f"{config_path}: missing {', '.join(missing)}; it was not written by `vlad.py train`.")
+        raise DataError(f"{adapters_path}: its config lacks {', '.join(missing)}; it was not written by this "
+                        f"version of `vlad.py train`.")
     model_name = model or config["model"]
     # --pretrained alone (a local weights file) is used; --model alone keeps the recorded tag, never random weights
     pretrained = pretrained if pretrained is not None else config["pretrained"]
     backbone = Backbone(model_name, pretrained, config["image_size"], stages=None, device=device,
                         precision=precision)
+    trained = f"{config['model']} with {config['pretrained']!r}"
     if (backbone.width, backbone.embed_dim) != (config["width"], config["embed_dim"]) \
             or max(config["stages"]) > backbone.depth:
-        raise DataError(f"{config_path}: the adapters were trained on {config['model']} (width {config['width']}, "
+        raise DataError(f"{adapters_path}: the adapters were trained on {trained} (width {config['width']}, "
                         f"embedding {config['embed_dim']}, blocks {config['stages']}) but {model_name} has width "
                         f"{backbone.width}, embedding {backbone.embed_dim} and {backbone.depth} blocks; "
                         f"use the backbone the checkpoint was trained with.")
     backbone.stages = list(config["stages"])
+    recorded, found = config["backbone"], backbone.identity()
+    if recorded["rounding"] != found["rounding"]:
+        raise DataError(f"{adapters_path}: trained with a {'bf16' if recorded['rounding'] == 'bfloat16' else 'fp16 or fp32'} "
+                        f"backbone, whose weights hash cannot be compared with a --precision {precision} one; "
+                        f"predict with --precision {'bf16' if recorded['rounding'] == 'bfloat16' else 'fp16 or fp32'}.")
+    if recorded != found:
+        what = "weights" if recorded["weights_sha256"] != found["weights_sha256"] else "layers (e.g. QuickGELU vs GELU)"
+        raise DataError(f"{adapters_path}: the adapters were trained on {trained}, but {model_name} with "
+                        f"{pretrained!r} has other {what} (weights sha256 {found['weights_sha256'][:12]} instead of "
+                        f"{recorded['weights_sha256'][:12]}); every score would silently change, so predict with "
+                        f"the backbone the checkpoint was trained with.")
     vlad = VLAD(config["width"], config["embed_dim"], len(config["stages"]))
     try:
         vlad.load_state_dict(adapters)
     except RuntimeError as error:
-        raise DataError(f"{adapters_path}: the adapters do not match {config_path} ({str(error)[:120]}).") from None
+        raise DataError(f"{adapters_path}: the adapters do not match their config ({str(error)[:120]}).") from None
     return backbone, vlad.to(backbone.device).eval(), config
 
 
@@ -564,11 +710,14 @@ def train(backbone: Backbone, samples: list[data.Sample], run, epochs: int = EPO
           lr: float = LR, seed: int = SEED, omega: float = OMEGA, gamma: float = FOCAL_GAMMA,
           alpha: float = FOCAL_ALPHA, beta: float = DICE_BETA, cache: str = "disk", extract_batch: int = 8,
           resume: bool = False, rank: int = 0, world: int = 1, progress: bool = True, extra_config=None,
-          terms: str = "both") -> VLAD:
-    """Train the adapters on `samples`, checkpointing RUN after every epoch; returns the trained VLAD."""
+          terms: str = "both", cache_dir=None, report=None) -> VLAD | None:
+    """Train the adapters on `samples`, checkpointing RUN after every epoch; returns the trained VLAD (None on
+    a rank that only fills its share of the token cache). `report(TokenCache)` is called once it is filled."""
     run = Path(run)
     config = {
-        **backbone.signature(), "width": backbone.width, "embed_dim": backbone.embed_dim,
+        "model": backbone.model_name, "pretrained": backbone.pretrained, "image_size": backbone.image_size,
+        "stages": backbone.stages, "precision": backbone.precision, "backbone": backbone.identity(),
+        "width": backbone.width, "embed_dim": backbone.embed_dim,
         "logit_scale": LOGIT_SCALE, "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
         "omega": omega, "focal_gamma": gamma, "focal_alpha": alpha, "dice_beta": beta, "loss_terms": terms,
         "n_samples": len(samples), "samples_sha1": hashlib.sha1(
@@ -577,14 +726,14 @@ def train(backbone: Backbone, samples: list[data.Sample], run, epochs: int = EPO
     }
     if (run / STATE_FILE).is_file() and not resume:
         raise DataError(f"{run}: already holds a checkpoint; pass --resume to continue it or choose another --out.")
-    saved_state = None
+    saved_state, log = None, []
     if resume and (run / STATE_FILE).is_file():
         saved, tensors, metadata = load_train_state(run)
         changed = [k for k in config if saved.get(k) != config[k]]
         if changed:
             raise DataError(f"{run / STATE_FILE}: was trained with other settings ({', '.join(changed)}); "
                             f"resume with the same flags or choose another --out.")
-        saved_state = (tensors, metadata)
+        saved_state, log = (tensors, metadata), json.loads(metadata.get("log", "[]"))
 
     torch.manual_seed(seed)
     vlad = VLAD(backbone.width, backbone.embed_dim, len(backbone.stages)).to(backbone.device)
@@ -593,11 +742,16 @@ def train(backbone: Backbone, samples: list[data.Sample], run, epochs: int = EPO
         tensors, metadata = saved_state
         vlad.load_state_dict({k[len("vlad."):]: v for k, v in tensors.items() if k.startswith("vlad.")})
         start_epoch = int(metadata["epoch"])
-        if start_epoch >= epochs:  # finished: a re-run (e.g. of reproduce.sh) does no work
+        if start_epoch >= epochs:  # finished: a re-run (e.g. of reproduce.sh) does no work, and repairs the
+            #                        derived files if a kill left them behind the state
+            write_derived_files(run, {k: v.contiguous() for k, v in vlad.state_dict().items()},
+                                {**config, "epoch": start_epoch}, log)
             return vlad
 
-    token_cache = TokenCache(backbone, samples, cache, run / "token_cache", extract_batch)
+    token_cache = TokenCache(backbone, samples, cache, cache_dir, extract_batch)
     token_cache.fill(rank, world, progress)
+    if report is not None:
+        report(token_cache)
     if world > 1:
         if not torch.distributed.is_initialized():
             return None  # --shard i/n: this process fills its share of the cache; a later plain run trains
@@ -606,38 +760,42 @@ def train(backbone: Backbone, samples: list[data.Sample], run, epochs: int = EPO
             return None
 
     optimizer = torch.optim.Adam(vlad.parameters(), lr=lr)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1))
     if saved_state is not None:
         tensors, metadata = saved_state
         optimizer.load_state_dict(optimizer_from_tensors(tensors, json.loads(metadata["param_groups"])))
         scheduler.load_state_dict(json.loads(metadata["scheduler"]))
 
-    if start_epoch == 0:  # epoch 0 = untrained adapters = zero-shot CLIP; `--epochs 0` gives that detector
-        config["epoch"] = 0
-        save_checkpoint(run, vlad, optimizer, scheduler, config)
+    # epoch 0 = untrained adapters = zero-shot CLIP; `--epochs 0` gives that detector (and an empty log). A
+    # resumed run rewrites the derived files too, in case a kill left them behind the state.
+    config["epoch"] = start_epoch
+    save_checkpoint(run, vlad, optimizer, scheduler, config, log)
 
     text_features = {c: backbone.text_features(c).to(backbone.device) for c in sorted({s.category for s in samples})}
     sample_text = torch.stack([text_features[s.category] for s in samples])  # (n, 2, C)
     steps = math.ceil(len(samples) / batch_size)
     for epoch in range(start_epoch, epochs):
         started, total, count = time.time(), 0.0, 0
+        lr_used = optimizer.param_groups[0]["lr"]  # the scheduler steps after the epoch: log what it used
         order = epoch_order(len(samples), seed, epoch)
         bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{epochs}", unit="batch", disable=not progress)
         for step in bar:
             indices = order[step * batch_size:(step + 1) * batch_size]
             batch = {k: v.to(backbone.device) for k, v in token_cache.get(indices).items()}
-            stage_maps, s_vl = vlad(batch["tokens"], batch["embedding"], sample_text[indices], backbone.image_size)
-            loss = vlad_loss(s_vl, batch["y_img"], stage_maps, batch["y_pix"], omega, gamma, alpha, beta, terms)
+            stage_logits, image_logits = vlad(batch["tokens"], batch["embedding"], sample_text[indices],
+                                              backbone.image_size)
+            loss = vlad_loss(image_logits, batch["y_img"], stage_logits, batch["y_pix"], omega, gamma, alpha, beta,
+                             terms)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             total, count = total + loss.item() * len(indices), count + len(indices)
             bar.set_postfix(loss=f"{total / count:.4f}")
         scheduler.step()
+        log.append({"epoch": epoch + 1, "loss": total / count, "lr": lr_used,
+                    "seconds": round(time.time() - started, 3)})
         config["epoch"] = epoch + 1
-        save_checkpoint(run, vlad, optimizer, scheduler, config)
-        data.append_jsonl({"epoch": epoch + 1, "loss": total / count, "lr": optimizer.param_groups[0]["lr"],
-                           "seconds": round(time.time() - started, 3)}, run / "log.jsonl")
+        save_checkpoint(run, vlad, optimizer, scheduler, config, log)  # the log line is part of the state
     return vlad
 
 
@@ -673,7 +831,8 @@ def merge_scores(category_out: Path, expected: list[str]) -> bool:
 
 def predict_category(backbone: Backbone, vlad: VLAD, root, category: str, k: int | None, seed: int, out,
                      rank: int = 0, world: int = 1, batch_size: int = 8, chunk: int = NN_CHUNK,
-                     progress: bool = True, provenance: dict | None = None) -> dict:
+                     progress: bool = True, provenance: dict | None = None,
+                     bank_dtype: torch.dtype = torch.float32) -> dict:
     """Anomaly maps, scores and overlays for one category's test split; returns a small summary.
     `provenance` (checkpoint, epoch) is recorded in k_shot.json, so a re-run into the same --out with another
     checkpoint or selection is refused instead of mixing two detectors' outputs."""
@@ -705,14 +864,11 @@ def predict_category(backbone: Backbone, vlad: VLAD, root, category: str, k: int
     # Text features and the bank only when images are left: a re-run of a finished prediction costs nothing
     text = backbone.text_features(category).to(backbone.device) if jobs else None
     memory_bank = None
-    if k > 0 and jobs:  # Eq. 9's bank: every rank builds the whole bank (k images) itself, adapting batch by
-        #                 batch so the raw tokens of all k images (full-shot ViT-L: ~400 x 4 x 1369 x 1024) are
-        #                 never held at once
-        parts = []
-        for start in range(0, k, batch_size):
-            pixels = torch.stack([backbone.preprocess(data.load_image(p)) for p in chosen[start:start + batch_size]])
-            parts.append(build_memory_bank(vlad, backbone.encode_images(pixels)[0]))
-        memory_bank = [torch.cat(stage) for stage in zip(*parts)]  # L x (k * N, C)
+    if k > 0 and jobs:  # every rank builds the whole bank (k images) itself
+        memory_bank = collect_memory_bank(backbone, vlad, chosen, batch_size, bank_dtype)
+    # The overlay's colour scale is fixed per detector, so one colour is one score in every overlay: each stage
+    # adds at most 1 to M_VL, and M_VV's distance is saturated at 1 (cosine 0) per stage.
+    full_scale = len(backbone.stages) * (2 if memory_bank is not None else 1)
 
     part = category_out / "scores_parts" / f"shard-{rank}-of-{world}.jsonl"
     bar = tqdm(total=len(jobs), desc=f"{category} (k={k})", unit="img", disable=not progress)
@@ -727,7 +883,7 @@ def predict_category(backbone: Backbone, vlad: VLAD, root, category: str, k: int
             full = F.interpolate(map_s[None, None].float(), size=(height, width), mode="bilinear",
                                  align_corners=False)[0, 0].cpu().numpy()
             data.save_tiff(full, category_out / relative[sample.image])
-            heat = np.clip(full / len(backbone.stages), 0.0, 1.0)
+            heat = np.clip(full / full_scale, 0.0, 1.0)
             data.save_image(data.overlay(np.asarray(image), heat),
                             category_out / "overlay" / sample.defect / f"{sample.image.stem}.png")
             data.append_jsonl({"path": relative[sample.image], "score": float(score_s)}, part)
@@ -772,6 +928,21 @@ def positive_int(text: str) -> int:
     return value
 
 
+def stage_list(text: str) -> list[int]:
+    """argparse type of --stages: distinct 1-based block numbers joined by commas."""
+    try:
+        stages = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"block numbers joined by commas (1-based, e.g. 6,12,18,24) expected, "
+                                         f"got {text!r}") from None
+    if len(set(stages)) != len(stages):
+        raise argparse.ArgumentTypeError(f"each block once, got {text!r}")
+    return stages
+
+
+BANK_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
 def command_train(args) -> int:
     rank, world = data.resolve_shard(args.shard)
     init_distributed(world, args.shard)
@@ -780,45 +951,55 @@ def command_train(args) -> int:
     for root in args.data + args.aux:
         if not Path(root).is_dir():
             raise DataError(f"{root}: no such dataset folder.")
+    data.check_output_folder(args.out)  # before the model loads: a typo costs one sentence
+    cache_dir = args.cache_dir or default_cache_dir()
+    if args.cache == "disk":
+        data.check_output_folder(cache_dir, "--cache-dir")
     samples = training_samples(args.data, args.aux)
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
-    try:
-        stages = [int(s) for s in args.stages.split(",")] if args.stages else None
-    except ValueError:
-        raise DataError(f"--stages {args.stages!r}: expected 1-based block numbers joined by commas, "
-                        f"e.g. 6,12,18,24.") from None
-    backbone = Backbone(args.model, args.pretrained, args.image_size, stages, device, precision)
+    backbone = Backbone(args.model, args.pretrained, args.image_size, args.stages, device, precision)
     started = time.time()
-    saved_config = Path(args.out) / CONFIG_FILE
-    done_before = json.loads(saved_config.read_text()).get("epoch", 0) if args.resume and saved_config.is_file() else 0
+    state_file = Path(args.out) / STATE_FILE
+    done_before = int(load_train_state(Path(args.out))[2]["epoch"]) if args.resume and state_file.is_file() else 0
+
+    def report(cache: TokenCache) -> None:
+        if cache.mode == "disk":
+            print(f"token cache {cache.folder}: {cache.computed} computed, {cache.reused} reused", flush=True)
+
     extra = {"data": [str(Path(r).resolve()) for r in args.data], "aux": [str(Path(r).resolve()) for r in args.aux]}
     vlad = train(backbone, samples, args.out, args.epochs, args.batch_size, args.lr, args.seed, args.omega,
                  args.focal_gamma, args.focal_alpha, args.dice_beta, args.cache, args.extract_batch, args.resume,
-                 rank, world, progress=not args.quiet, extra_config=extra, terms=args.loss)
+                 rank, world, progress=not args.quiet, extra_config=extra, terms=args.loss, cache_dir=cache_dir,
+                 report=report)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     if vlad is None:
         after = "run train again without --shard to train" if args.shard else "rank 0 trains"
         print(f"shard {rank}/{world}: cached the tokens of its {len(data.shard_jobs(samples, rank, world))} images "
-              f"in {Path(args.out) / 'token_cache'}; {after}.")
+              f"in {cache_dir}; {after}.")
         return 0
-    log = data.read_jsonl(Path(args.out) / "log.jsonl")
     if args.resume and done_before >= args.epochs:
         print(f"{args.out}: already trained for {args.epochs} epochs; nothing to do.")
         return 0
+    log = data.read_jsonl(Path(args.out) / LOG_FILE)
     last = f", last loss {log[-1]['loss']:.4f}" if log else ""
     print(f"trained VLAD on {len(samples)} images for {args.epochs} epochs in {time.time() - started:.1f} s{last}; "
-          f"wrote {Path(args.out) / ADAPTERS_FILE}, {CONFIG_FILE}, {STATE_FILE} and log.jsonl")
+          f"wrote {Path(args.out) / ADAPTERS_FILE}, {CONFIG_FILE}, {STATE_FILE} and {LOG_FILE}")
     return 0
 
 
 def command_predict(args) -> int:
     rank, world = data.resolve_shard(args.shard)
     k = data.parse_k_shot(args.k_shot)
+    if not Path(args.data).is_dir():
+        raise DataError(f"{args.data}: no such dataset folder.")
+    data.check_output_folder(args.out)
     device = resolve_device(args.device)
-    backbone, vlad, config = load_detector(args.ckpt, args.model, args.pretrained, device,
-                                           resolve_precision(args.precision, device))
+    precision = resolve_precision(args.precision, device)
+    backbone, vlad, config = load_detector(args.ckpt, args.model, args.pretrained, device, precision)
+    bank_dtype = BANK_DTYPES[args.bank_dtype] if args.bank_dtype != "auto" else \
+        (torch.float32 if backbone.dtype == torch.float32 else backbone.dtype)
     categories = args.category or data.list_categories(args.data)
     if not categories:
         raise DataError(f"{args.data}: no category folders with train/ or test/ inside.")
@@ -827,7 +1008,9 @@ def command_predict(args) -> int:
         summaries.append(predict_category(backbone, vlad, args.data, category, k, args.seed, args.out, rank, world,
                                           args.batch_size, args.chunk, progress=not args.quiet,
                                           provenance={"checkpoint": str(Path(args.ckpt).resolve()),
-                                                      "epoch": config.get("epoch")}))
+                                                      "epoch": config.get("epoch"),
+                                                      "backbone": config["backbone"]},
+                                          bank_dtype=bank_dtype))
     images = sum(s["images"] for s in summaries)
     waiting = [s["category"] for s in summaries if not s["scores_csv"]]
     categories = f"{len(summaries)} categor{'y' if len(summaries) == 1 else 'ies'}"
@@ -861,7 +1044,8 @@ def main(argv=None) -> int:
     train_parser.add_argument("--out", required=True, type=Path, help="run folder for checkpoint and log")
     backbone_flags(train_parser, defaults=True)
     train_parser.add_argument("--image-size", type=int, default=IMAGE_SIZE, help="input side (default 518: 37 x 37 patches of 14)")
-    train_parser.add_argument("--stages", default=None, help="1-based blocks, e.g. 6,12,18,24 (quarter depths)")
+    train_parser.add_argument("--stages", default=None, type=stage_list,
+                              help="distinct 1-based blocks, e.g. 6,12,18,24 (default: quarter depths)")
     train_parser.add_argument("--epochs", type=int, default=EPOCHS, help="(default 200)")
     train_parser.add_argument("--batch-size", type=positive_int, default=BATCH_SIZE, help="(default 16)")
     train_parser.add_argument("--lr", type=float, default=LR, help="Adam learning rate (default 1e-4)")
@@ -874,6 +1058,9 @@ def main(argv=None) -> int:
     train_parser.add_argument("--seed", type=int, default=SEED, help="adapter init and shuffle (default 0)")
     train_parser.add_argument("--cache", default="disk", choices=["disk", "memory", "none"],
                               help="where the frozen backbone's tokens live (none: recompute every batch)")
+    train_parser.add_argument("--cache-dir", default=None, type=Path,
+                              help="the disk cache, keyed by content and shareable by every run "
+                                   "(default $XDG_CACHE_HOME/vlad/tokens or ~/.cache/vlad/tokens)")
     train_parser.add_argument("--extract-batch", type=positive_int, default=8, help="images per backbone forward")
     train_parser.add_argument("--resume", action="store_true", help="continue RUN from its last epoch")
 
@@ -886,6 +1073,9 @@ def main(argv=None) -> int:
     predict_parser.add_argument("--category", action="append", default=None, help="only these; repeatable")
     predict_parser.add_argument("--batch-size", type=positive_int, default=8)
     predict_parser.add_argument("--chunk", type=positive_int, default=NN_CHUNK, help="rows per nearest-neighbour block")
+    predict_parser.add_argument("--bank-dtype", default="auto", choices=["auto", *BANK_DTYPES],
+                                help="memory bank storage; the search accumulates in fp32 (auto: the backbone's "
+                                     "dtype, fp16 on CUDA)")
     backbone_flags(predict_parser, defaults=False)
 
     args = parser.parse_args(argv)
