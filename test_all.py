@@ -2324,6 +2324,44 @@ def test_total_loss_is_focal_plus_omega_times_stage_sum_of_bce_and_dice():
                                                                                               rel=1e-6)
 
 
+def test_losses_from_logits_equal_the_probability_formulas_and_keep_their_gradient_when_saturated():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 2, generator=generator, dtype=torch.float64) * 4  # gaps within about +-16
+    target = (torch.rand(64, generator=generator) > 0.5).double()
+    p = logits.softmax(dim=-1)[:, 1]
+    p_t = target * p + (1 - target) * (1 - p)
+    alpha_t = target * 0.25 + (1 - target) * 0.75
+    focal_from_p = (-alpha_t * (1 - p_t) ** 2 * torch.log(p_t.clamp_min(1e-12))).mean()
+    assert vlad.focal_loss(logits, target).item() == pytest.approx(focal_from_p.item(), abs=1e-6)
+    pixel_logits = torch.randn(2, 2, 5, 5, generator=generator, dtype=torch.float64) * 4
+    y_pix = torch.rand(2, 5, 5, generator=generator, dtype=torch.float64)
+    q = pixel_logits.softmax(dim=1)[:, 1]
+    bce_from_p = -(y_pix * torch.log(q.clamp_min(1e-12)) + (1 - y_pix) * torch.log((1 - q).clamp_min(1e-12))).mean()
+    assert vlad.bce_loss(pixel_logits, y_pix).item() == pytest.approx(bce_from_p.item(), abs=1e-6)
+
+    # A normal image (and pixel) scored abnormal with a logit gap of 40, in float32 as training runs: the
+    # probability is exactly 1.0, so a loss on clamped probabilities has gradient 0. From the logits it is exact.
+    gap = 40.0
+    sigmoid = 1 / (1 + math.exp(-gap))
+    softplus = gap + math.log1p(math.exp(-gap))
+    for loss_of, expected in (
+            # BCE, y = 0: loss = softplus(d), d loss / d d = sigmoid(d)
+            (lambda x: vlad.bce_loss(x.reshape(1, 2, 1, 1), torch.zeros(1, 1, 1)), sigmoid),
+            # focal, y = 0: loss = (1 - alpha) s^2 softplus(d) with s = sigmoid(d)
+            (lambda x: vlad.focal_loss(x.reshape(1, 2), torch.zeros(1)),
+             0.75 * (2 * sigmoid * sigmoid * (1 - sigmoid) * softplus + sigmoid ** 3))):
+        two_logits = torch.tensor([0.0, gap], requires_grad=True)
+        loss_of(two_logits).backward()
+        gradient = two_logits.grad[1].item()  # d loss / d (abnormal logit) = d loss / d gap
+        assert math.isfinite(gradient) and gradient == pytest.approx(expected, rel=1e-5) and gradient > 0.5
+        assert two_logits.grad[0].item() == pytest.approx(-expected, rel=1e-5)
+    saturated = torch.tensor([0.0, gap], requires_grad=True)
+    probability = saturated.softmax(dim=0)[1]
+    assert probability.item() == 1.0  # what the clamped formula would see
+    (-torch.log((1 - probability).clamp_min(1e-12))).backward()
+    assert saturated.grad.abs().max().item() == 0.0
+
+
 def test_stages_are_quarter_depths_and_prompts_cover_every_state_and_template():
     assert vlad.default_stages(24) == [6, 12, 18, 24]
     assert vlad.default_stages(12) == [3, 6, 9, 12]
@@ -2571,6 +2609,89 @@ def test_resumed_training_equals_uninterrupted_training(vlad_tiny_clip, tmp_path
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "resumed").rglob("*")} == before
 
 
+def vlad_cache_line(capsys, errors: list | None = None) -> tuple[int, int]:
+    """(computed, reused) from the one line `vlad.py train` prints about the token cache; stderr to `errors`."""
+    captured = capsys.readouterr()
+    if errors is not None:
+        errors.append(captured.err)
+    found = re.findall(r"token cache .*: (\d+) computed, (\d+) reused", captured.out)
+    assert len(found) == 1
+    return int(found[0][0]), int(found[0][1])
+
+
+def test_token_cache_is_shared_by_runs_and_keyed_by_the_image_content(vlad_tiny_clip, tmp_path, capsys):
+    gen = vlad_make_synthetic_dataset(tmp_path / "gen", n_train=2, n_good=0, n_bad=3, soft=True)
+    cache = tmp_path / "tokens"
+
+    errors = []
+
+    def train(root, out, *extra):
+        assert vlad.main(vlad_train_args(vlad_tiny_clip, root, tmp_path / out, "--epochs", "1", *extra)) == 0
+        return vlad_cache_line(capsys, errors)
+
+    assert train(gen, "first") == (5, 0)
+    entries = sorted(cache.rglob("*.safetensors"))
+    assert len(entries) == 5 and all(e.parent.name == e.name[:2] for e in entries)
+    entry = load_file(str(next(e for e in entries if load_file(str(e))["y_img"].item() == 1.0)))
+    assert entry["y_pix"].dtype == torch.uint8 and entry["y_pix"].shape == (VLAD_TINY_SIZE, VLAD_TINY_SIZE)
+    assert 0 < entry["y_pix"].float().max().item() <= 255
+
+    copy = tmp_path / "copy"  # the same images elsewhere (another run's folder, a copied dataset): all reused
+    shutil.copytree(gen, copy)
+    assert train(copy, "second") == (0, 5)
+    assert sorted(cache.rglob("*.safetensors")) == entries
+    torch.testing.assert_close(load_file(str(tmp_path / "second/vlad.safetensors")),
+                               load_file(str(tmp_path / "first/vlad.safetensors")), atol=0, rtol=0)
+
+    changed = copy / "texture/test/bright/000.png"  # one image edited in place, its size unchanged: recomputed
+    pixels = np.asarray(data.load_image(changed)).copy()
+    pixels[0, 0] = 255 - pixels[0, 0]
+    data.save_image(pixels, changed)
+    assert train(copy, "third") == (1, 4)
+    assert train(copy, "fourth", "--stages", "1,3") == (5, 0)  # another backbone signature: nothing shared
+
+    entries[0].write_bytes(entries[0].read_bytes()[:100])  # an entry cut short (a copy that broke off)
+    assert train(gen, "fifth") == (0, 5)
+    assert "unreadable token cache entry" in errors[-1] and "unreadable" not in "".join(errors[:-1])
+    assert load_file(str(entries[0]))["tokens"].shape[0] == 4  # written again, whole
+    torch.testing.assert_close(load_file(str(tmp_path / "fifth/vlad.safetensors")),  # recomputed alone, not in a
+                               load_file(str(tmp_path / "first/vlad.safetensors")), atol=1e-6, rtol=1e-5)  # batch
+
+
+def test_token_cache_defaults_to_the_user_cache_folder_outside_the_run(vlad_tiny_clip, tmp_path, monkeypatch, capsys):
+    gen = vlad_make_synthetic_dataset(tmp_path / "gen", n_train=1, n_good=0, n_bad=1)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    argv = vlad_train_args(vlad_tiny_clip, gen, tmp_path / "run", "--epochs", "0")
+    argv = argv[:argv.index("--cache-dir")] + argv[argv.index("--cache-dir") + 2:]
+    assert vlad.main(argv) == 0
+    assert vlad_cache_line(capsys) == (2, 0)
+    assert len(list((tmp_path / "xdg/vlad/tokens").rglob("*.safetensors"))) == 2
+    assert not list((tmp_path / "run").rglob("*.safetensors.*")) and not (tmp_path / "run/token_cache").exists()
+    assert (tmp_path / "run/log.jsonl").read_text() == ""  # --epochs 0: the log it names exists, and is empty
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert vlad.default_cache_dir() == Path.home() / ".cache/vlad/tokens"
+
+
+def test_fp16_memory_bank_searches_in_float32_and_matches_the_float32_bank(vlad_trained_run, tmp_path):
+    generator = torch.Generator().manual_seed(3)
+    queries = torch.nn.functional.normalize(torch.randn(50, 16, generator=generator), dim=-1)
+    bank = torch.nn.functional.normalize(torch.randn(300, 16, generator=generator), dim=-1).half()
+    expected = 1 - (queries.double() @ bank.double().T).max(dim=1).values  # exact, on the fp16-stored bank
+    found = vlad.nearest_neighbour_distance(queries, bank, chunk=64)
+    assert found.dtype == torch.float32
+    torch.testing.assert_close(found.double(), expected, atol=1e-6, rtol=0)
+
+    run, held_out = vlad_trained_run["run"], vlad_trained_run["held_out"]
+    common = ["predict", "--ckpt", str(run), "--data", str(held_out), "--k-shot", "all", "--quiet"]
+    for dtype in ("fp32", "fp16"):
+        assert vlad.main(common + ["--out", str(tmp_path / dtype), "--bank-dtype", dtype]) == 0
+    tiffs = sorted((tmp_path / "fp32/texture/test").rglob("*.tiff"))
+    assert len(tiffs) == 9
+    for tiff in tiffs:
+        half = data.load_tiff(tmp_path / "fp16" / tiff.relative_to(tmp_path / "fp32"))
+        np.testing.assert_allclose(half, data.load_tiff(tiff), atol=5e-3)  # fp16 rounding of the bank only
+
+
 def test_same_seed_gives_same_weights_and_other_seed_differs(vlad_tiny_clip, tmp_path):
     gen = vlad_make_synthetic_dataset(tmp_path / "gen", n_train=1, n_good=0, n_bad=3, soft=True)
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
@@ -2664,7 +2785,8 @@ def test_predict_backbone_flags_never_fall_back_to_random_weights(tmp_path):
         backbone_weight(pretrained=weights_b)
 
 
-def test_predict_refuses_a_backbone_of_the_same_shape_with_other_weights_or_activation(vlad_trained_run, tmp_path):
+def test_predict_refuses_a_backbone_of_the_same_shape_with_other_weights_or_activation(vlad_trained_run, tmp_path,
+                                                                                        capsys):
     run, held_out = vlad_trained_run["run"], vlad_trained_run["held_out"]
     trained_on = json.loads((run / "config.json").read_text())["model"]
     folder = Path(trained_on[len("local-dir:"):])
@@ -2676,16 +2798,22 @@ def test_predict_refuses_a_backbone_of_the_same_shape_with_other_weights_or_acti
     config = json.loads((gelu / "open_clip_config.json").read_text())
     config["model_cfg"]["quick_gelu"] = False
     (gelu / "open_clip_config.json").write_text(json.dumps(config))
-    common = ["predict", "--ckpt", run, "--data", held_out, "--k-shot", "1"]
+    common = ["predict", "--ckpt", str(run), "--data", str(held_out), "--k-shot", "1", "--quiet"]
     for model, what in ((other_seed, "other weights"), (f"local-dir:{gelu}", "other layers")):
-        result = run_cli("vlad.py", *common, "--out", tmp_path / "refused", "--model", model)
-        assert result.returncode == 2 and what in result.stderr, result.stderr
-        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+        assert vlad.main(common + ["--out", str(tmp_path / "refused"), "--model", model]) == 2
+        error = capsys.readouterr().err
+        assert what in error and len(error.strip().splitlines()) == 1 and "Traceback" not in error, error
         assert not (tmp_path / "refused").exists()
-    assert vlad.main([str(a) for a in common] + ["--out", str(tmp_path / "a"), "--quiet"]) == 0
-    assert vlad.main([str(a) for a in common] + ["--out", str(tmp_path / "b"), "--quiet",
-                                                 "--model", f"local-dir:{copy}"]) == 0
+    assert vlad.main(common + ["--out", str(tmp_path / "a")]) == 0
+    assert vlad.main(common + ["--out", str(tmp_path / "b"), "--model", f"local-dir:{copy}"]) == 0
     assert (tmp_path / "a/texture/scores.csv").read_text() == (tmp_path / "b/texture/scores.csv").read_text()
+    # the overlay's colour scale counts M_VV (at most 1 per stage) beside M_VL: 2 x 4 stages with a bank
+    for tiff in sorted((tmp_path / "a/texture/test").rglob("*.tiff")):
+        relative = tiff.relative_to(tmp_path / "a/texture/test")
+        image = np.asarray(data.load_image(held_out / "texture/test" / relative.with_suffix(".png")))
+        expected = data.overlay(image, np.clip(data.load_tiff(tiff) / 8.0, 0.0, 1.0))
+        shown = np.asarray(data.load_image(tmp_path / "a/texture/overlay" / relative.with_suffix(".png")))
+        np.testing.assert_array_equal(shown, expected)
     recorded = json.loads((tmp_path / "a/texture/k_shot.json").read_text())["backbone"]
     assert recorded == json.loads((run / "config.json").read_text())["backbone"]
     assert len(recorded["weights_sha256"]) == 64
@@ -2713,6 +2841,21 @@ def test_memory_bank_is_adapted_batch_by_batch_and_equals_one_batch(vlad_trained
     two = (tmp_path / "batches/texture/scores.csv").read_text().splitlines()
     np.testing.assert_allclose([float(r.split(",")[1]) for r in one[1:]],
                                [float(r.split(",")[1]) for r in two[1:]], atol=1e-5)
+
+
+def test_vlad_out_that_is_a_file_is_one_sentence_before_any_model_loads(vlad_trained_run, tmp_path, capsys):
+    taken = tmp_path / "taken"
+    taken.write_text("a file")
+    missing_model = "local-dir:" + str(tmp_path / "no_model")  # would fail to load: the --out check comes first
+    for argv in (vlad_train_args(missing_model, vlad_trained_run["gen"], taken),
+                 vlad_train_args(missing_model, vlad_trained_run["gen"], tmp_path / "run") + ["--cache-dir", str(taken)],
+                 ["predict", "--ckpt", str(vlad_trained_run["run"]), "--data", str(vlad_trained_run["held_out"]),
+                  "--out", str(taken / "pred")]):
+        assert vlad.main(argv) == 2
+        error = capsys.readouterr().err
+        assert "is a file" in error and "Traceback" not in error and len(error.strip().splitlines()) == 1, error
+        assert "open_clip" not in error
+    assert taken.read_text() == "a file" and not (tmp_path / "run").exists()
 
 
 def test_bad_stages_and_zero_sizes_are_one_clear_message_without_traceback(vlad_trained_run, tmp_path, capsys):
