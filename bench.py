@@ -5,7 +5,9 @@
                                    --full: SD 1.5's topology with random weights, 512x512 fp16, CUDA)
     python bench.py cut --full --device cpu   SD 1.5's topology in fp32 on the CPU: a few timed steps, and the
                                    seconds per sample extrapolated from them
-    python bench.py vlad           one epoch with and without the token cache; prediction images/s (k = 4)
+    python bench.py vlad           one epoch with and without the token cache; prediction images/s (k = 4);
+                                   the memory bank's peak memory (--bank: only that)
+    python bench.py vlad --protocol  reproduce.sh's shared token cache: bytes per entry, the protocol's total
 
 metrics: 1,725 maps of 256x256 float32 (MVTec AD's test set: 1,258 anomalous images), blob-shaped masks,
 seed 0; peak memory by tracemalloc (the most numpy allocated during the call, above what was there before).
@@ -368,11 +370,12 @@ def vlad_bench_one(model: str, image_size: int, device: str, precision: str, n_i
         backbone.text_features("texture")  # 12 states x 35 templates through the text tower, once per category
         text_seconds = time.perf_counter() - started
         started = time.perf_counter()
-        vlad.TokenCache(backbone, samples, "disk", folder / "run_disk/token_cache").fill(progress=False)
+        vlad.TokenCache(backbone, samples, "disk", folder / "tokens").fill(progress=False)
         fill_seconds = time.perf_counter() - started
         epoch = {}
         for cache in ("disk", "none"):
-            vlad.train(backbone, samples, folder / f"run_{cache}", epochs=1, cache=cache, progress=False)
+            vlad.train(backbone, samples, folder / f"run_{cache}", epochs=1, cache=cache, progress=False,
+                       cache_dir=folder / "tokens")
             epoch[cache] = data.read_jsonl(folder / f"run_{cache}/log.jsonl")[0]["seconds"]
         print(f"{model} @ {image_size} px, {device} {precision}, {len(samples)} images, batch {vlad.BATCH_SIZE}:")
         print(f"  text features of one category:   {text_seconds:8.2f} s  (once, then cached)")
@@ -392,12 +395,156 @@ def vlad_bench_one(model: str, image_size: int, device: str, precision: str, n_i
                   f"({n_predict} images incl. TIFF + overlay writes{' and the 4-image bank' if k else ''})")
 
 
-def bench_vlad() -> None:
+def vlad_bench_tiny_clip(folder: Path, embed_dim: int) -> str:
+    from test_all import build_tiny_clip
+
+    return build_tiny_clip(folder, embed_dim=embed_dim)
+
+
+def vlad_rss_mib() -> float:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+def vlad_bank_peak(method: str, model: str, root: str, queue) -> None:
+    """In its own process: the memory bank of every train/good image, built by `method`; reports
+    (peak RSS growth during the build, the bank's own bytes), both in MiB."""
+    torch.set_num_threads(1)
+    logging.disable(logging.WARNING)
+    backbone = vlad.Backbone(model, None, 224)
+    detector = vlad.VLAD(backbone.width, backbone.embed_dim, len(backbone.stages))
+    images = [s.image for s in data.read_split(root, "texture", "train")]
+    vlad.collect_memory_bank(backbone, detector, images[:8])  # warm-up: allocator, threads, first-call costs
+    before_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    before = vlad_rss_mib()
+    if method == "parts":  # before this fix: a list of per-batch parts, then one concatenation
+        parts = []
+        for start in range(0, len(images), 8):
+            pixels = torch.stack([backbone.preprocess(data.load_image(p)) for p in images[start:start + 8]])
+            features = detector.patch_features(backbone.encode_images(pixels)[0])
+            parts.append([f.reshape(-1, f.shape[-1]) for f in features])
+        bank = [torch.cat(stage) for stage in zip(*parts)]
+    else:
+        bank = vlad.collect_memory_bank(backbone, detector, images, 8, torch.float32)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    assert peak > before_peak, "the warm-up peaked higher than the bank: use more images"
+    queue.put((peak - before, sum(b.numel() * b.element_size() for b in bank) / 2 ** 20))
+
+
+def bench_vlad_memory_bank() -> None:
+    """The memory bank's peak memory against its own bytes, on a case where the bank dominates: 400 images
+    through a 4-block ViT with a 512-wide embedding at 224 px (196 patches): 4 x 196 x 512 x 4 B = 1.5 MiB
+    per image in fp32, 613 MiB for the bank."""
+    context = multiprocessing.get_context("spawn")
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        model = vlad_bench_tiny_clip(folder / "clip", embed_dim=512)
+        from test_all import vlad_make_synthetic_dataset
+        root = vlad_make_synthetic_dataset(folder / "data", ("texture",), n_train=400, n_good=0, n_bad=0,
+                                           size=(224, 224))
+        results = {}
+        for method in ("parts", "collect"):
+            queue = context.Queue()
+            child = context.Process(target=vlad_bank_peak, args=(method, model, str(root), queue))
+            child.start()
+            results[method] = queue.get()
+            child.join()
+    print("vlad memory bank: 400 images x 4 stages x 196 patches x 512 channels, fp32, CPU")
+    for method, label in (("parts", "parts + torch.cat (before)"), ("collect", "collect_memory_bank")):
+        grown, bank = results[method]
+        print(f"  {label:28s} peak growth {grown:7.0f} MiB = {grown / bank:.2f}x the bank's {bank:.0f} MiB")
+
+
+def vlad_protocol_counts(train_good: dict[str, int], aux_test: int, n_few: int = 100, n_full: int = 5,
+                         shots=(1, 2, 4), seeds: int = 5) -> dict[str, int]:
+    """Training images per run of reproduce.sh and the unique images its shared cache holds: few-shot runs
+    train on k normals + k x n_few generated per category; the full-shot run on every normal + n_full each;
+    every run on the auxiliary test split, which the shared cache holds once."""
+    few = {k: sum(k * (1 + n_few) for _ in train_good) for k in shots}
+    full = sum(n * (1 + n_full) for n in train_good.values())
+    per_run_total = sum(few[k] * seeds for k in shots) + full
+    runs = len(shots) * seeds + 1
+    return {"runs": runs, "generated": per_run_total, "aux": aux_test,
+            "entries_per_run_cache": per_run_total + runs * aux_test, "unique": per_run_total + aux_test}
+
+
+MVTEC_TRAIN_GOOD = {"bottle": 209, "cable": 224, "capsule": 219, "carpet": 280, "grid": 264, "hazelnut": 391,
+                    "leather": 245, "metal_nut": 220, "pill": 267, "screw": 320, "tile": 230, "toothbrush": 60,
+                    "transistor": 213, "wood": 247, "zipper": 240}  # 3,629
+VISA_TEST = 2162  # the auxiliary set for MVTec AD: VisA's test split (962 normal, 1,200 anomalous)
+
+
+def bench_vlad_protocol() -> None:
+    """reproduce.sh's token cache, scaled: the protocol's runs (k = 1, 2, 4 x 5 seeds + full-shot) on a tree
+    with 3 categories of 6 normals, 2 generated per normal and 12 auxiliary test images, filled through
+    TokenCache into one shared folder, as reproduce.sh runs it. Then the same arithmetic at ViT-L-14 / 518 px
+    with MVTec AD's counts, from the bytes of one real entry of that shape."""
+    from test_all import vlad_make_synthetic_dataset
+
+    torch.set_num_threads(1)
+    logging.disable(logging.WARNING)
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        backbone = vlad.Backbone(vlad_bench_tiny_clip(folder / "clip", embed_dim=32), None, 112)
+        categories, normals, n_few, n_full = ("a", "b", "c"), 6, 2, 1
+        aux = vlad_make_synthetic_dataset(folder / "aux", ("tile",), n_train=0, n_good=4, n_bad=8, seed=99)
+        aux_samples = vlad.training_samples([], [aux])
+        cache = folder / "tokens"
+        started, runs, per_run_entries = time.perf_counter(), 0, 0
+        for k, seeds, n in [(1, 5, n_few), (2, 5, n_few), (4, 5, n_few), (normals, 1, n_full)]:
+            for seed in range(seeds):  # every run generates its own images: distinct content
+                generated = vlad_make_synthetic_dataset(folder / f"gen_k{k}_s{seed}", categories, n_train=k,
+                                                        n_good=0, n_bad=k * n, seed=1000 * k + seed, soft=True)
+                samples = vlad.training_samples([generated], [aux])
+                vlad.TokenCache(backbone, samples, "disk", cache).fill(progress=False)
+                runs, per_run_entries = runs + 1, per_run_entries + len(samples)
+        seconds = time.perf_counter() - started
+        files = list(cache.rglob("*.safetensors"))
+        total = sum(f.stat().st_size for f in files)
+        counts = vlad_protocol_counts({c: normals for c in categories}, len(aux_samples), n_few, n_full)
+        assert counts["runs"] == runs and len(files) == counts["unique"], (len(files), counts)
+        per_image = files[0].stat().st_size  # every entry has the same shapes, masked or not
+        print(f"vlad protocol, scaled: {runs} runs, {per_run_entries} training images in all, {len(files)} unique "
+              f"in the shared cache ({counts['aux']} auxiliary images once, not {runs} times); filled in {seconds:.1f} s")
+        print(f"  tiny backbone ({len(backbone.stages)} x 49 x {backbone.width} fp32 + y_pix 112 x 112 uint8): "
+              f"{per_image / 1e3:.1f} kB per entry; cache {total / 1e6:.2f} MB = "
+              f"{total / (len(files) * per_image):.3f}x unique x per-entry")
+
+        side, n_tokens = 518, (518 // 14) ** 2
+        entry = {"tokens": torch.zeros(4, n_tokens, 1024, dtype=torch.float16),
+                 "embedding": torch.zeros(768, dtype=torch.float16),
+                 "y_pix": torch.zeros(side, side, dtype=torch.uint8), "y_img": torch.zeros(())}
+        from safetensors.torch import save_file
+        save_file(entry, str(folder / "vit_l.safetensors"))
+        vit_l = (folder / "vit_l.safetensors").stat().st_size
+    old = 4 * n_tokens * 1024 * 2 + 768 * 2 + side * side * 4 + 4  # fp16 tokens + float32 y_pix, per run
+    mvtec = vlad_protocol_counts(MVTEC_TRAIN_GOOD, VISA_TEST)
+    print(f"  ViT-L-14 @ 518 px fp16: {vit_l:,} bytes per entry (before: {old:,}, y_pix in float32)")
+    print(f"  MVTec AD with VisA auxiliary, {mvtec['runs']} runs: {mvtec['generated']:,} generated + normal training "
+          f"images, {mvtec['aux']:,} auxiliary")
+    print(f"    shared cache: {mvtec['unique']:,} unique entries x {vit_l / 1e6:.2f} MB = {mvtec['unique'] * vit_l / 1e9:,.0f} GB")
+    print(f"    before (a cache per run): {mvtec['entries_per_run_cache']:,} entries x {old / 1e6:.2f} MB = "
+          f"{mvtec['entries_per_run_cache'] * old / 1e9:,.0f} GB")
+    largest = max(sum(k * 101 for _ in MVTEC_TRAIN_GOOD) for k in (1, 2, 4))
+    full = sum(n * 6 for n in MVTEC_TRAIN_GOOD.values())
+    print(f"    with --evict-data-tokens (reproduce.sh's default), the most on disk at once is the largest run: "
+          f"full-shot {full + VISA_TEST:,} entries = {(full + VISA_TEST) * vit_l / 1e9:,.0f} GB "
+          f"(k = 4: {largest + VISA_TEST:,} entries = {(largest + VISA_TEST) * vit_l / 1e9:,.0f} GB)")
+
+
+def bench_vlad(protocol: bool = False, bank: bool = False) -> None:
+    if protocol:
+        bench_vlad_protocol()
+        return
+    if bank:
+        bench_vlad_memory_bank()
+        return
     torch.set_num_threads(1)
     logging.disable(logging.WARNING)  # open_clip warns that the weights are random, which is the point here
     vlad_bench_one("ViT-B-16", 224, "cpu", "fp32")
     if torch.cuda.is_available():
         vlad_bench_one("ViT-L-14-quickgelu", 518, "cuda", "fp16", n_images=64, n_predict=64)
+    bench_vlad_memory_bank()
 
 
 def main(argv=None) -> int:
@@ -409,7 +556,10 @@ def main(argv=None) -> int:
     cut_parser.add_argument("--full", action="store_true", help="SD 1.5 topology at 512x512 (fp16 on CUDA)")
     cut_parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                             help="with --full: cuda (the whole comparison) or cpu (a few steps, extrapolated)")
-    commands.add_parser("vlad", help="VLAD epoch with/without token cache, prediction speed")
+    vlad_parser = commands.add_parser("vlad", help="VLAD epoch with/without token cache, prediction speed, bank")
+    vlad_parser.add_argument("--protocol", action="store_true",
+                             help="reproduce.sh's shared token cache: bytes per image and the protocol's total")
+    vlad_parser.add_argument("--bank", action="store_true", help="only the memory bank's peak memory")
     args = parser.parse_args(argv)
     if args.command == "metrics":
         bench_metrics()
@@ -423,7 +573,7 @@ def main(argv=None) -> int:
             return 2
         bench_cut(full=args.full)
     else:
-        bench_vlad()
+        bench_vlad(protocol=args.protocol, bank=args.bank)
     return 0
 
 

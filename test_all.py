@@ -2658,6 +2658,23 @@ def test_token_cache_is_shared_by_runs_and_keyed_by_the_image_content(vlad_tiny_
                                load_file(str(tmp_path / "first/vlad.safetensors")), atol=1e-6, rtol=1e-5)  # batch
 
 
+def test_evicting_a_runs_generated_tokens_keeps_the_auxiliary_ones_for_the_next_run(vlad_tiny_clip, tmp_path,
+                                                                                     capsys):
+    gen = vlad_make_synthetic_dataset(tmp_path / "gen", n_train=1, n_good=0, n_bad=2, soft=True)
+    aux = vlad_make_synthetic_dataset(tmp_path / "aux", categories=("tile",), n_train=2, n_good=1, n_bad=1, seed=4)
+    argv = vlad_train_args(vlad_tiny_clip, gen, tmp_path / "first", "--epochs", "1", "--aux", aux,
+                           "--evict-data-tokens")
+    assert vlad.main(argv) == 0
+    assert vlad_cache_line(capsys) == (5, 0)
+    remaining = sorted(p.name for p in (tmp_path / "tokens").rglob("*.safetensors"))
+    assert len(remaining) == 2  # the two auxiliary test images; the three generated ones are gone
+    second = vlad_train_args(vlad_tiny_clip, gen, tmp_path / "second", "--epochs", "1", "--aux", aux)
+    assert vlad.main(second) == 0
+    assert vlad_cache_line(capsys) == (3, 2)
+    torch.testing.assert_close(load_file(str(tmp_path / "second/vlad.safetensors")),
+                               load_file(str(tmp_path / "first/vlad.safetensors")), atol=1e-6, rtol=1e-5)
+
+
 def test_token_cache_defaults_to_the_user_cache_folder_outside_the_run(vlad_tiny_clip, tmp_path, monkeypatch, capsys):
     gen = vlad_make_synthetic_dataset(tmp_path / "gen", n_train=1, n_good=0, n_bad=1)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))

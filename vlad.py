@@ -554,6 +554,18 @@ class TokenCache:
                       file=sys.stderr)
             return self._store([index])[0]
 
+    def evict(self, indices) -> int:
+        """Delete the disk entries of these images (a generated set no later run trains on); returns how many.
+        A run still reading one of them computes it again, so this is safe while others use the folder."""
+        removed = 0
+        for index in indices if self.mode == "disk" else ():
+            try:
+                self._file(index).unlink()
+                removed += 1
+            except FileNotFoundError:
+                pass
+        return removed
+
     def get(self, indices: list[int]) -> dict[str, torch.Tensor]:
         """The stacked entries of the given training images, y_pix as float32 probabilities."""
         if self.mode == "none":
@@ -710,9 +722,10 @@ def train(backbone: Backbone, samples: list[data.Sample], run, epochs: int = EPO
           lr: float = LR, seed: int = SEED, omega: float = OMEGA, gamma: float = FOCAL_GAMMA,
           alpha: float = FOCAL_ALPHA, beta: float = DICE_BETA, cache: str = "disk", extract_batch: int = 8,
           resume: bool = False, rank: int = 0, world: int = 1, progress: bool = True, extra_config=None,
-          terms: str = "both", cache_dir=None, report=None) -> VLAD | None:
+          terms: str = "both", cache_dir=None, report=None, evict=()) -> VLAD | None:
     """Train the adapters on `samples`, checkpointing RUN after every epoch; returns the trained VLAD (None on
-    a rank that only fills its share of the token cache). `report(TokenCache)` is called once it is filled."""
+    a rank that only fills its share of the token cache). `report(TokenCache)` is called once it is filled;
+    `evict` (indices into samples) are deleted from the disk cache once the last epoch is saved."""
     run = Path(run)
     config = {
         "model": backbone.model_name, "pretrained": backbone.pretrained, "image_size": backbone.image_size,
@@ -746,6 +759,8 @@ def train(backbone: Backbone, samples: list[data.Sample], run, epochs: int = EPO
             #                        derived files if a kill left them behind the state
             write_derived_files(run, {k: v.contiguous() for k, v in vlad.state_dict().items()},
                                 {**config, "epoch": start_epoch}, log)
+            if evict:  # a kill after the last checkpoint may have kept them
+                TokenCache(backbone, samples, cache, cache_dir, extract_batch).evict(evict)
             return vlad
 
     token_cache = TokenCache(backbone, samples, cache, cache_dir, extract_batch)
@@ -796,6 +811,7 @@ def train(backbone: Backbone, samples: list[data.Sample], run, epochs: int = EPO
                     "seconds": round(time.time() - started, 3)})
         config["epoch"] = epoch + 1
         save_checkpoint(run, vlad, optimizer, scheduler, config, log)  # the log line is part of the state
+    token_cache.evict(evict)
     return vlad
 
 
@@ -971,7 +987,7 @@ def command_train(args) -> int:
     vlad = train(backbone, samples, args.out, args.epochs, args.batch_size, args.lr, args.seed, args.omega,
                  args.focal_gamma, args.focal_alpha, args.dice_beta, args.cache, args.extract_batch, args.resume,
                  rank, world, progress=not args.quiet, extra_config=extra, terms=args.loss, cache_dir=cache_dir,
-                 report=report)
+                 report=report, evict=range(len(training_samples(args.data, []))) if args.evict_data_tokens else ())
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     if vlad is None:
@@ -1061,6 +1077,9 @@ def main(argv=None) -> int:
     train_parser.add_argument("--cache-dir", default=None, type=Path,
                               help="the disk cache, keyed by content and shareable by every run "
                                    "(default $XDG_CACHE_HOME/vlad/tokens or ~/.cache/vlad/tokens)")
+    train_parser.add_argument("--evict-data-tokens", action="store_true",
+                              help="once trained, delete the cache entries of the --data images (a generated set "
+                                   "one run trains on); the --aux entries stay for the next run")
     train_parser.add_argument("--extract-batch", type=positive_int, default=8, help="images per backbone forward")
     train_parser.add_argument("--resume", action="store_true", help="continue RUN from its last epoch")
 
