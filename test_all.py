@@ -2375,6 +2375,44 @@ def test_vision_vision_map_equals_brute_force_eq9_and_chunked_equals_unchunked()
     torch.testing.assert_close(score, zero_shot_score, atol=1e-5, rtol=0)
 
 
+def test_detect_with_a_bank_of_other_images_adds_m_vv_to_the_map_and_its_max_to_the_score():
+    generator = torch.Generator().manual_seed(2)
+    batch, n_stages, side, width, channels, size = 2, 3, 4, 10, 6, 9
+    torch.manual_seed(2)
+    detector = vlad.VLAD(width, channels, n_stages)
+    weights = {k: v.double().numpy() for k, v in detector.state_dict().items()}
+    tokens = torch.randn(batch, n_stages, side * side, width, generator=generator)
+    embedding = torch.randn(batch, channels, generator=generator)
+    text = torch.nn.functional.normalize(torch.randn(batch, 2, channels, generator=generator), dim=-1)
+    # the adapted patch tokens of other images (random unit vectors), 20 per stage
+    bank = [torch.nn.functional.normalize(torch.randn(20, channels, generator=generator), dim=-1)
+            for _ in range(n_stages)]
+    anomaly_map, score = detector.detect(tokens, embedding, text, size, bank, chunk=7)
+    zero_shot_map, zero_shot_score = detector.detect(tokens, embedding, text, size)
+    for b in range(batch):
+        t = text[b].double().numpy()
+        m_vl, distance = np.zeros((size, size)), np.zeros(side * side)
+        for i in range(n_stages):
+            f = tokens[b, i].double().numpy() @ weights[f"patch_adapters.{i}.weight"].T \
+                + weights[f"patch_adapters.{i}.bias"]
+            f /= np.linalg.norm(f, axis=1, keepdims=True)
+            up = vlad_bilinear((100.0 * f @ t.T).T.reshape(2, side, side), size)
+            m_vl += np.exp(up[1]) / (np.exp(up[0]) + np.exp(up[1]))
+            m = bank[i].double().numpy()
+            for n in range(side * side):
+                distance[n] += 1 - max(float(f[n] @ m[j]) for j in range(len(m)))
+        m_vv = vlad_bilinear(distance.reshape(1, side, side), size)[0]
+        e = embedding[b].double().numpy()
+        image = weights["image_adapter.weight"] @ (e / np.linalg.norm(e)) + weights["image_adapter.bias"]
+        logits = 100.0 * (image / np.linalg.norm(image)) @ t.T
+        s_vl = np.exp(logits[1]) / np.exp(logits).sum()
+        assert m_vv.min() > 0.05  # far from every bank entry: the fusion rule matters
+        np.testing.assert_allclose(zero_shot_map[b].double().numpy(), m_vl, atol=1e-5)
+        np.testing.assert_allclose(zero_shot_score[b].item(), s_vl, atol=1e-6)
+        np.testing.assert_allclose(anomaly_map[b].double().numpy(), m_vl + m_vv, atol=1e-5)  # M = M_VL + M_VV
+        np.testing.assert_allclose(score[b].item(), s_vl + m_vv.max(), atol=1e-5)  # S = S_VL + max M_VV
+
+
 def test_untrained_vlad_image_score_equals_zero_shot_clip_abnormal_probability(vlad_tiny_clip, tmp_path):
     import open_clip
 
@@ -2414,6 +2452,58 @@ def vlad_trained_run(vlad_tiny_clip, tmp_path_factory):
 def vlad_pixel_auroc(pred: Path, gt: Path, json_file: Path) -> float:
     assert metrics.main(["--pred", str(pred), "--gt", str(gt), "--json", str(json_file)]) == 0
     return json.loads(json_file.read_text())["mean"]["P-AUC"]
+
+
+def vlad_reference_detection(model: str, run: Path, root: Path, category: str, bank_images: list) -> dict:
+    """Eq. 8, Eq. 9 and the fusion recomputed image by image in float64 from the backbone's raw outputs and the
+    weights in RUN/vlad.safetensors, without vlad.VLAD. -> {tiff path relative to PRED/<category>:
+    (M_VL, M_VV, S_VL, S_VV)}: maps at the image's own size as predict writes them, S_VV the max of M_VV at the
+    input size; M_VV None and S_VV 0 without bank images."""
+    backbone = vlad.Backbone(model, None, VLAD_TINY_SIZE)
+    weights = {k: v.double() for k, v in load_file(str(run / "vlad.safetensors")).items()}
+    text = backbone.text_features(category).double()  # (2, C): normal, abnormal
+    size = VLAD_TINY_SIZE
+
+    def upsample(grid: torch.Tensor, shape) -> torch.Tensor:  # (h, w) -> shape, half-pixel centres
+        return torch.nn.functional.interpolate(grid[None, None], size=shape, mode="bilinear",
+                                               align_corners=False)[0, 0]
+
+    def encode(path) -> tuple[list[torch.Tensor], torch.Tensor]:  # -> L x (N, C) unit F_patch_i, (C,) embedding
+        tokens, embedding = backbone.encode_images(backbone.preprocess(data.load_image(path))[None])
+        features = []
+        for i in range(len(backbone.stages)):
+            f = tokens[0, i].double() @ weights[f"patch_adapters.{i}.weight"].T + weights[f"patch_adapters.{i}.bias"]
+            features.append(f / f.norm(dim=1, keepdim=True))
+        return features, embedding[0].double()
+
+    bank = [encode(path)[0] for path in bank_images]
+    reference = {}
+    for sample in data.read_split(root, category, "test"):
+        width, height = data.load_image(sample.image).size
+        features, embedding = encode(sample.image)
+        side = math.isqrt(features[0].shape[0])
+        m_vl = torch.zeros(size, size, dtype=torch.float64)
+        distance = torch.zeros(side * side, dtype=torch.float64)
+        for i, f in enumerate(features):
+            logits = 100.0 * f @ text.T  # (N, 2)
+            up = torch.stack([upsample(logits[:, state].reshape(side, side), (size, size)) for state in (0, 1)])
+            m_vl += up.softmax(dim=0)[1]
+            if bank:  # nearest neighbour over every token of every bank image
+                nearest = torch.stack([(f @ image_bank[i].T).max(dim=1).values for image_bank in bank])
+                distance += 1 - nearest.max(dim=0).values
+        m_vv = upsample(distance.reshape(side, side), (size, size)) if bank else None
+        image = weights["image_adapter.weight"] @ (embedding / embedding.norm()) + weights["image_adapter.bias"]
+        s_vl = (100.0 * (image / image.norm()) @ text.T).softmax(dim=0)[1].item()
+        reference[data.prediction_path(sample)] = (
+            upsample(m_vl, (height, width)).numpy(), None if m_vv is None else upsample(m_vv, (height, width)).numpy(),
+            s_vl, 0.0 if m_vv is None else m_vv.max().item())
+    return reference
+
+
+def vlad_read_scores(csv_file: Path) -> dict[str, float]:
+    rows = csv_file.read_text().splitlines()
+    assert rows[0] == "path,score"
+    return {path: float(score) for path, score in (row.split(",") for row in rows[1:])}
 
 
 def test_training_lowers_loss_and_raises_held_out_pixel_auroc(vlad_trained_run, tmp_path):
@@ -2458,6 +2548,52 @@ def test_predict_writes_maps_at_image_size_scores_overlays_and_k_shot_record(vla
     assert json.loads((tmp_path / "full/texture/k_shot.json").read_text())["k"] == 3
     assert vlad.main(["predict", "--ckpt", str(run), "--data", str(held_out), "--k-shot", "1",
                       "--out", str(pred), "--quiet"]) == 2
+
+
+def test_few_shot_maps_and_scores_equal_independent_fusion_with_a_bank_of_other_images(vlad_trained_run, tmp_path):
+    run, held_out = vlad_trained_run["run"], vlad_trained_run["held_out"]
+    pred = tmp_path / "pred"
+    assert vlad.main(["predict", "--ckpt", str(run), "--data", str(held_out), "--k-shot", "2", "--seed", "1",
+                      "--out", str(pred), "--quiet"]) == 0
+    bank_images = [held_out / "texture" / p for p in json.loads((pred / "texture/k_shot.json").read_text())["images"]]
+    assert len(bank_images) == 2 and all(p.parent == held_out / "texture/train/good" for p in bank_images)
+    model = json.loads((run / "config.json").read_text())["model"]
+    reference = vlad_reference_detection(model, run, held_out, "texture", bank_images)
+    scores = vlad_read_scores(pred / "texture/scores.csv")
+    assert sorted(scores) == sorted(reference) and len(scores) == 9
+    for path, (m_vl, m_vv, s_vl, s_vv) in reference.items():
+        # the bank holds other images, so M_VV is clearly non-zero and not flat: a wrong fusion rule shows
+        assert s_vv > 0.05 and m_vv.max() - m_vv.mean() > 0.01, (path, s_vv)
+        np.testing.assert_allclose(data.load_tiff(pred / "texture" / path), m_vl + m_vv, atol=1e-4, rtol=0)
+        assert scores[path] == pytest.approx(s_vl + s_vv, abs=1e-4), path
+
+
+def test_zero_shot_prediction_encodes_only_the_test_images_and_writes_m_vl_alone(vlad_trained_run, tmp_path,
+                                                                                  monkeypatch):
+    run, held_out = vlad_trained_run["run"], vlad_trained_run["held_out"]
+    encoded = []
+    encode_images = vlad.Backbone.encode_images
+
+    def counting_encode_images(self, pixels):
+        encoded.append(pixels.shape[0])
+        return encode_images(self, pixels)
+
+    monkeypatch.setattr(vlad.Backbone, "encode_images", counting_encode_images)
+    common = ["predict", "--ckpt", str(run), "--data", str(held_out), "--quiet"]
+    assert vlad.main(common + ["--k-shot", "0", "--out", str(tmp_path / "zero")]) == 0
+    assert sum(encoded) == 9  # the 9 test images, no bank image
+    encoded.clear()
+    assert vlad.main(common + ["--k-shot", "2", "--out", str(tmp_path / "two")]) == 0
+    assert sum(encoded) == 9 + 2  # the count does see a bank when there is one
+    monkeypatch.undo()
+    assert json.loads((tmp_path / "zero/texture/k_shot.json").read_text())["images"] == []
+    model = json.loads((run / "config.json").read_text())["model"]
+    reference = vlad_reference_detection(model, run, held_out, "texture", [])
+    scores = vlad_read_scores(tmp_path / "zero/texture/scores.csv")
+    assert sorted(scores) == sorted(reference)
+    for path, (m_vl, _, s_vl, _) in reference.items():
+        np.testing.assert_allclose(data.load_tiff(tmp_path / "zero/texture" / path), m_vl, atol=1e-4, rtol=0)
+        assert scores[path] == pytest.approx(s_vl, abs=1e-4), path
 
 
 def test_sharded_prediction_equals_unsharded_and_last_shard_writes_scores(vlad_trained_run, tmp_path):
