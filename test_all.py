@@ -2261,6 +2261,25 @@ def vlad_bilinear(grid: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
+# Adam's first update is lr * m / sqrt(v) = lr * sign(g), so each step moves every weight that has a gradient by
+# about lr: at the default lr 1e-4, one step is ~1e-4. Measured below, the smallest tensor's max |w - w0|: 1 step
+# -> 1.0e-4, 2 epochs of 1 step -> 2.0e-4, 2 epochs of 2 steps (cosine lr 1e-4, 5e-5) -> 2.7e-4, 4 epochs of 2
+# steps -> 4.1e-4. Half a step is the margin of "it trained"; a removed optimizer step gives exactly 0.
+VLAD_MOVED = 5e-5
+
+
+def vlad_untrained_weights(model: str, gen: Path, out: Path, *extra) -> dict[str, torch.Tensor]:
+    """The adapters `train` starts from, as `--epochs 0` writes them (the same seed gives the same init)."""
+    assert vlad.main(vlad_train_args(model, gen, out, "--cache", "none", *extra, "--epochs", "0")) == 0
+    return load_file(str(out / "vlad.safetensors"))
+
+
+def vlad_assert_moved(weights: dict, initial: dict, names=None, margin: float = VLAD_MOVED) -> None:
+    """Each named tensor (default: all) moved from its initialization: max |w - w0| > margin."""
+    shifts = {name: (weights[name] - initial[name]).abs().max().item() for name in names or initial}
+    assert min(shifts.values()) > margin, shifts
+
+
 def test_focal_loss_equals_hand_computed_value():
     probability, target = torch.tensor([0.9, 0.2, 0.6]), torch.tensor([1.0, 0.0, 0.0])
     # -alpha_t (1 - p_t)^2 log p_t with alpha_t = 0.25 for positives, 0.75 for negatives
@@ -2640,8 +2659,7 @@ def test_cached_and_uncached_training_give_the_same_adapter_weights(vlad_tiny_cl
         cached = load_file(str(tmp_path / cache / "vlad.safetensors"))
         for name in cached:  # the backbone runs on other batches without the cache: float rounding only
             torch.testing.assert_close(cached[name], uncached[name], atol=1e-6, rtol=1e-5)
-    assert not torch.equal(uncached["patch_adapters.0.weight"],
-                           load_file(str(tmp_path / "none/train_state.safetensors"))["vlad.patch_adapters.1.weight"])
+    vlad_assert_moved(uncached, vlad_untrained_weights(vlad_tiny_clip, gen, tmp_path / "init"))  # equal, not idle
 
 
 def test_sharded_token_caching_fills_disjoint_halves_then_a_plain_run_trains_on_them(vlad_tiny_clip, tmp_path):
@@ -2659,6 +2677,7 @@ def test_sharded_token_caching_fills_disjoint_halves_then_a_plain_run_trains_on_
     plain = load_file(str(tmp_path / "plain/vlad.safetensors"))
     for name in plain:  # other backbone batches in the shards: float rounding only
         torch.testing.assert_close(sharded[name], plain[name], atol=1e-6, rtol=1e-5)
+    vlad_assert_moved(plain, vlad_untrained_weights(vlad_tiny_clip, gen, tmp_path / "init"))
 
 
 def test_resumed_training_equals_uninterrupted_training(vlad_tiny_clip, tmp_path, monkeypatch):
@@ -2677,6 +2696,7 @@ def test_resumed_training_equals_uninterrupted_training(vlad_tiny_clip, tmp_path
         vlad.main(vlad_train_args(vlad_tiny_clip, gen, tmp_path / "resumed", "--epochs", "4"))
     monkeypatch.setattr(data, "append_jsonl", append_jsonl)
     assert json.loads((tmp_path / "resumed/config.json").read_text())["epoch"] == 2
+    after_epoch_2 = load_file(str(tmp_path / "resumed/vlad.safetensors"))
     assert vlad.main(vlad_train_args(vlad_tiny_clip, gen, tmp_path / "resumed", "--epochs", "4")) == 2  # no --resume
     assert vlad.main(vlad_train_args(vlad_tiny_clip, gen, tmp_path / "resumed", "--epochs", "4", "--resume",
                                      "--lr", "0.5")) == 2  # other settings than the run it continues
@@ -2686,6 +2706,10 @@ def test_resumed_training_equals_uninterrupted_training(vlad_tiny_clip, tmp_path
     assert straight.keys() == resumed.keys()
     for name in straight:
         assert torch.equal(straight[name], resumed[name]), name
+    vlad_assert_moved(load_file(str(tmp_path / "straight/vlad.safetensors")),
+                      vlad_untrained_weights(vlad_tiny_clip, gen, tmp_path / "init"))
+    # the resumed epochs 3-4 trained too; they run at the cosine tail (lr 5e-5, 1.5e-5): measured 5.8e-5 and more
+    vlad_assert_moved(load_file(str(tmp_path / "resumed/vlad.safetensors")), after_epoch_2, margin=2e-5)
     assert [r["loss"] for r in data.read_jsonl(tmp_path / "straight/log.jsonl")] == \
         [r["loss"] for r in data.read_jsonl(tmp_path / "resumed/log.jsonl")]
     # resuming a finished run does no work: nothing in the run folder is rewritten
@@ -2701,6 +2725,7 @@ def test_same_seed_gives_same_weights_and_other_seed_differs(vlad_tiny_clip, tmp
     a, b, c = (load_file(str(tmp_path / n / "vlad.safetensors")) for n in "abc")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["patch_adapters.0.weight"], c["patch_adapters.0.weight"])
+    vlad_assert_moved(a, vlad_untrained_weights(vlad_tiny_clip, gen, tmp_path / "init", "--seed", 0))
 
 
 def test_predict_rejects_checkpoint_of_another_backbone(vlad_trained_run, tmp_path):
