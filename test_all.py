@@ -2263,7 +2263,7 @@ def vlad_bilinear(grid: np.ndarray, size: int) -> np.ndarray:
 
 # Adam's first update is lr * m / sqrt(v) = lr * sign(g), so each step moves every weight that has a gradient by
 # about lr: at the default lr 1e-4, one step is ~1e-4. Measured below, the smallest tensor's max |w - w0|: 1 step
-# -> 1.0e-4, 2 epochs of 1 step -> 2.0e-4, 2 epochs of 2 steps (cosine lr 1e-4, 5e-5) -> 2.7e-4, 4 epochs of 2
+# -> 1.0e-4, 1 epoch of 2 steps -> 2.0e-4, 2 epochs of 2 steps (cosine lr 1e-4, 5e-5) -> 2.7e-4, 4 epochs of 2
 # steps -> 4.1e-4. Half a step is the margin of "it trained"; a removed optimizer step gives exactly 0.
 VLAD_MOVED = 5e-5
 
