@@ -2728,6 +2728,45 @@ def test_same_seed_gives_same_weights_and_other_seed_differs(vlad_tiny_clip, tmp
     vlad_assert_moved(a, vlad_untrained_weights(vlad_tiny_clip, gen, tmp_path / "init", "--seed", 0))
 
 
+def test_loss_image_trains_only_the_image_adapter_and_loss_pixel_only_the_patch_adapters(vlad_tiny_clip, tmp_path):
+    gen = vlad_make_synthetic_dataset(tmp_path / "gen", n_train=2, n_good=0, n_bad=4, soft=True)
+    initial = vlad_untrained_weights(vlad_tiny_clip, gen, tmp_path / "init")
+    assert torch.equal(initial["image_adapter.weight"], torch.eye(32)) and not initial["image_adapter.bias"].any()
+    image_names = ["image_adapter.weight", "image_adapter.bias"]
+    patch_names = [name for name in initial if name.startswith("patch_adapters.")]
+    assert len(patch_names) == 8  # 4 stages x (weight, bias)
+    trained = {}
+    for terms in ("image", "pixel"):
+        assert vlad.main(vlad_train_args(vlad_tiny_clip, gen, tmp_path / terms, "--epochs", "2", "--loss", terms)) == 0
+        trained[terms] = load_file(str(tmp_path / terms / "vlad.safetensors"))
+        assert json.loads((tmp_path / terms / "config.json").read_text())["loss_terms"] == terms
+    # y_img only: the patch adapters get no gradient and keep their init exactly; the image adapter learns
+    assert all(torch.equal(trained["image"][name], initial[name]) for name in patch_names)
+    vlad_assert_moved(trained["image"], initial, image_names)
+    # y_pix only: the image adapter stays the identity (zero-shot CLIP's score); the patch adapters learn
+    assert all(torch.equal(trained["pixel"][name], initial[name]) for name in image_names)
+    vlad_assert_moved(trained["pixel"], initial, patch_names)
+
+
+def test_aux_root_contributes_only_its_test_split_and_its_train_images_are_never_read(vlad_tiny_clip, tmp_path):
+    gen = vlad_make_synthetic_dataset(tmp_path / "gen", n_train=2, n_good=0, n_bad=3, soft=True)
+    aux = vlad_make_synthetic_dataset(tmp_path / "aux", n_train=3, n_good=1, n_bad=2, seed=5)
+    for normal in (aux / "texture/train/good").iterdir():  # reading any of them would be a "corrupt image" error
+        normal.write_bytes(b"not a png")
+    assert vlad.main(vlad_train_args(vlad_tiny_clip, aux, tmp_path / "aux_as_data", "--epochs", "1")) == 2
+    assert vlad.main(vlad_train_args(vlad_tiny_clip, gen, tmp_path / "run", "--aux", aux, "--epochs", "1")) == 0
+    config = json.loads((tmp_path / "run/config.json").read_text())
+    assert config["aux"] == [str(aux.resolve())]
+    assert config["n_samples"] == (3 + 2) + (1 + 2)  # gen: test + train/good; aux: test (good and defects) only
+    assert len(list((tmp_path / "run/token_cache").glob("*.safetensors"))) == 8
+    without_aux = tmp_path / "without_aux"
+    assert vlad.main(vlad_train_args(vlad_tiny_clip, gen, without_aux, "--epochs", "1")) == 0
+    assert json.loads((without_aux / "config.json").read_text())["n_samples"] == 5
+    # the aux test images reach training: the weights differ from those of a run without them
+    trained, alone = load_file(str(tmp_path / "run/vlad.safetensors")), load_file(str(without_aux / "vlad.safetensors"))
+    assert not torch.equal(trained["patch_adapters.0.weight"], alone["patch_adapters.0.weight"])
+
+
 def test_predict_rejects_checkpoint_of_another_backbone(vlad_trained_run, tmp_path):
     other = build_tiny_clip(tmp_path / "wider", width=48)
     result = run_cli("vlad.py", "predict", "--ckpt", vlad_trained_run["run"], "--data", vlad_trained_run["held_out"],
