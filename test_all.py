@@ -2267,6 +2267,25 @@ def vlad_bilinear(grid: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
+# Adam's first update is lr * m / sqrt(v) = lr * sign(g), so each step moves every weight that has a gradient by
+# about lr: at the default lr 1e-4, one step is ~1e-4. Measured below, the smallest tensor's max |w - w0|: 1 step
+# -> 1.0e-4, 1 epoch of 2 steps -> 2.0e-4, 2 epochs of 2 steps (cosine lr 1e-4, 5e-5) -> 2.7e-4, 4 epochs of 2
+# steps -> 4.1e-4. Half a step is the margin of "it trained"; a removed optimizer step gives exactly 0.
+VLAD_MOVED = 5e-5
+
+
+def vlad_untrained_weights(model: str, gen: Path, out: Path, *extra) -> dict[str, torch.Tensor]:
+    """The adapters `train` starts from, as `--epochs 0` writes them (the same seed gives the same init)."""
+    assert vlad.main(vlad_train_args(model, gen, out, "--cache", "none", *extra, "--epochs", "0")) == 0
+    return load_file(str(out / "vlad.safetensors"))
+
+
+def vlad_assert_moved(weights: dict, initial: dict, names=None, margin: float = VLAD_MOVED) -> None:
+    """Each named tensor (default: all) moved from its initialization: max |w - w0| > margin."""
+    shifts = {name: (weights[name] - initial[name]).abs().max().item() for name in names or initial}
+    assert min(shifts.values()) > margin, shifts
+
+
 def test_focal_loss_equals_hand_computed_value():
     probability, target = torch.tensor([0.9, 0.2, 0.6]), torch.tensor([1.0, 0.0, 0.0])
     # -alpha_t (1 - p_t)^2 log p_t with alpha_t = 0.25 for positives, 0.75 for negatives
@@ -2421,6 +2440,44 @@ def test_vision_vision_map_equals_brute_force_eq9_and_chunked_equals_unchunked()
     torch.testing.assert_close(score, zero_shot_score, atol=1e-5, rtol=0)
 
 
+def test_detect_with_a_bank_of_other_images_adds_m_vv_to_the_map_and_its_max_to_the_score():
+    generator = torch.Generator().manual_seed(2)
+    batch, n_stages, side, width, channels, size = 2, 3, 4, 10, 6, 9
+    torch.manual_seed(2)
+    detector = vlad.VLAD(width, channels, n_stages)
+    weights = {k: v.double().numpy() for k, v in detector.state_dict().items()}
+    tokens = torch.randn(batch, n_stages, side * side, width, generator=generator)
+    embedding = torch.randn(batch, channels, generator=generator)
+    text = torch.nn.functional.normalize(torch.randn(batch, 2, channels, generator=generator), dim=-1)
+    # the adapted patch tokens of other images (random unit vectors), 20 per stage
+    bank = [torch.nn.functional.normalize(torch.randn(20, channels, generator=generator), dim=-1)
+            for _ in range(n_stages)]
+    anomaly_map, score = detector.detect(tokens, embedding, text, size, bank, chunk=7)
+    zero_shot_map, zero_shot_score = detector.detect(tokens, embedding, text, size)
+    for b in range(batch):
+        t = text[b].double().numpy()
+        m_vl, distance = np.zeros((size, size)), np.zeros(side * side)
+        for i in range(n_stages):
+            f = tokens[b, i].double().numpy() @ weights[f"patch_adapters.{i}.weight"].T \
+                + weights[f"patch_adapters.{i}.bias"]
+            f /= np.linalg.norm(f, axis=1, keepdims=True)
+            up = vlad_bilinear((100.0 * f @ t.T).T.reshape(2, side, side), size)
+            m_vl += np.exp(up[1]) / (np.exp(up[0]) + np.exp(up[1]))
+            m = bank[i].double().numpy()
+            for n in range(side * side):
+                distance[n] += 1 - max(float(f[n] @ m[j]) for j in range(len(m)))
+        m_vv = vlad_bilinear(distance.reshape(1, side, side), size)[0]
+        e = embedding[b].double().numpy()
+        image = weights["image_adapter.weight"] @ (e / np.linalg.norm(e)) + weights["image_adapter.bias"]
+        logits = 100.0 * (image / np.linalg.norm(image)) @ t.T
+        s_vl = np.exp(logits[1]) / np.exp(logits).sum()
+        assert m_vv.min() > 0.05  # far from every bank entry: the fusion rule matters
+        np.testing.assert_allclose(zero_shot_map[b].double().numpy(), m_vl, atol=1e-5)
+        np.testing.assert_allclose(zero_shot_score[b].item(), s_vl, atol=1e-6)
+        np.testing.assert_allclose(anomaly_map[b].double().numpy(), m_vl + m_vv, atol=1e-5)  # M = M_VL + M_VV
+        np.testing.assert_allclose(score[b].item(), s_vl + m_vv.max(), atol=1e-5)  # S = S_VL + max M_VV
+
+
 def test_untrained_vlad_image_score_equals_zero_shot_clip_abnormal_probability(vlad_tiny_clip, tmp_path):
     import open_clip
 
@@ -2461,6 +2518,58 @@ def vlad_trained_run(vlad_tiny_clip, tmp_path_factory):
 def vlad_pixel_auroc(pred: Path, gt: Path, json_file: Path) -> float:
     assert metrics.main(["--pred", str(pred), "--gt", str(gt), "--json", str(json_file)]) == 0
     return json.loads(json_file.read_text())["mean"]["P-AUC"]
+
+
+def vlad_reference_detection(model: str, run: Path, root: Path, category: str, bank_images: list) -> dict:
+    """Eq. 8, Eq. 9 and the fusion recomputed image by image in float64 from the backbone's raw outputs and the
+    weights in RUN/vlad.safetensors, without vlad.VLAD. -> {tiff path relative to PRED/<category>:
+    (M_VL, M_VV, S_VL, S_VV)}: maps at the image's own size as predict writes them, S_VV the max of M_VV at the
+    input size; M_VV None and S_VV 0 without bank images."""
+    backbone = vlad.Backbone(model, None, VLAD_TINY_SIZE)
+    weights = {k: v.double() for k, v in load_file(str(run / "vlad.safetensors")).items()}
+    text = backbone.text_features(category).double()  # (2, C): normal, abnormal
+    size = VLAD_TINY_SIZE
+
+    def upsample(grid: torch.Tensor, shape) -> torch.Tensor:  # (h, w) -> shape, half-pixel centres
+        return torch.nn.functional.interpolate(grid[None, None], size=shape, mode="bilinear",
+                                               align_corners=False)[0, 0]
+
+    def encode(path) -> tuple[list[torch.Tensor], torch.Tensor]:  # -> L x (N, C) unit F_patch_i, (C,) embedding
+        tokens, embedding = backbone.encode_images(backbone.preprocess(data.load_image(path))[None])
+        features = []
+        for i in range(len(backbone.stages)):
+            f = tokens[0, i].double() @ weights[f"patch_adapters.{i}.weight"].T + weights[f"patch_adapters.{i}.bias"]
+            features.append(f / f.norm(dim=1, keepdim=True))
+        return features, embedding[0].double()
+
+    bank = [encode(path)[0] for path in bank_images]
+    reference = {}
+    for sample in data.read_split(root, category, "test"):
+        width, height = data.load_image(sample.image).size
+        features, embedding = encode(sample.image)
+        side = math.isqrt(features[0].shape[0])
+        m_vl = torch.zeros(size, size, dtype=torch.float64)
+        distance = torch.zeros(side * side, dtype=torch.float64)
+        for i, f in enumerate(features):
+            logits = 100.0 * f @ text.T  # (N, 2)
+            up = torch.stack([upsample(logits[:, state].reshape(side, side), (size, size)) for state in (0, 1)])
+            m_vl += up.softmax(dim=0)[1]
+            if bank:  # nearest neighbour over every token of every bank image
+                nearest = torch.stack([(f @ image_bank[i].T).max(dim=1).values for image_bank in bank])
+                distance += 1 - nearest.max(dim=0).values
+        m_vv = upsample(distance.reshape(side, side), (size, size)) if bank else None
+        image = weights["image_adapter.weight"] @ (embedding / embedding.norm()) + weights["image_adapter.bias"]
+        s_vl = (100.0 * (image / image.norm()) @ text.T).softmax(dim=0)[1].item()
+        reference[data.prediction_path(sample)] = (
+            upsample(m_vl, (height, width)).numpy(), None if m_vv is None else upsample(m_vv, (height, width)).numpy(),
+            s_vl, 0.0 if m_vv is None else m_vv.max().item())
+    return reference
+
+
+def vlad_read_scores(csv_file: Path) -> dict[str, float]:
+    rows = csv_file.read_text().splitlines()
+    assert rows[0] == "path,score"
+    return {path: float(score) for path, score in (row.split(",") for row in rows[1:])}
 
 
 def test_training_lowers_loss_and_raises_held_out_pixel_auroc(vlad_trained_run, tmp_path):
@@ -2507,6 +2616,52 @@ def test_predict_writes_maps_at_image_size_scores_overlays_and_k_shot_record(vla
                       "--out", str(pred), "--quiet"]) == 2
 
 
+def test_few_shot_maps_and_scores_equal_independent_fusion_with_a_bank_of_other_images(vlad_trained_run, tmp_path):
+    run, held_out = vlad_trained_run["run"], vlad_trained_run["held_out"]
+    pred = tmp_path / "pred"
+    assert vlad.main(["predict", "--ckpt", str(run), "--data", str(held_out), "--k-shot", "2", "--seed", "1",
+                      "--out", str(pred), "--quiet"]) == 0
+    bank_images = [held_out / "texture" / p for p in json.loads((pred / "texture/k_shot.json").read_text())["images"]]
+    assert len(bank_images) == 2 and all(p.parent == held_out / "texture/train/good" for p in bank_images)
+    model = json.loads((run / "config.json").read_text())["model"]
+    reference = vlad_reference_detection(model, run, held_out, "texture", bank_images)
+    scores = vlad_read_scores(pred / "texture/scores.csv")
+    assert sorted(scores) == sorted(reference) and len(scores) == 9
+    for path, (m_vl, m_vv, s_vl, s_vv) in reference.items():
+        # the bank holds other images, so M_VV is clearly non-zero and not flat: a wrong fusion rule shows
+        assert s_vv > 0.05 and m_vv.max() - m_vv.mean() > 0.01, (path, s_vv)
+        np.testing.assert_allclose(data.load_tiff(pred / "texture" / path), m_vl + m_vv, atol=1e-4, rtol=0)
+        assert scores[path] == pytest.approx(s_vl + s_vv, abs=1e-4), path
+
+
+def test_zero_shot_prediction_encodes_only_the_test_images_and_writes_m_vl_alone(vlad_trained_run, tmp_path,
+                                                                                  monkeypatch):
+    run, held_out = vlad_trained_run["run"], vlad_trained_run["held_out"]
+    encoded = []
+    encode_images = vlad.Backbone.encode_images
+
+    def counting_encode_images(self, pixels):
+        encoded.append(pixels.shape[0])
+        return encode_images(self, pixels)
+
+    monkeypatch.setattr(vlad.Backbone, "encode_images", counting_encode_images)
+    common = ["predict", "--ckpt", str(run), "--data", str(held_out), "--quiet"]
+    assert vlad.main(common + ["--k-shot", "0", "--out", str(tmp_path / "zero")]) == 0
+    assert sum(encoded) == 9  # the 9 test images, no bank image
+    encoded.clear()
+    assert vlad.main(common + ["--k-shot", "2", "--out", str(tmp_path / "two")]) == 0
+    assert sum(encoded) == 9 + 2  # the count does see a bank when there is one
+    monkeypatch.undo()
+    assert json.loads((tmp_path / "zero/texture/k_shot.json").read_text())["images"] == []
+    model = json.loads((run / "config.json").read_text())["model"]
+    reference = vlad_reference_detection(model, run, held_out, "texture", [])
+    scores = vlad_read_scores(tmp_path / "zero/texture/scores.csv")
+    assert sorted(scores) == sorted(reference)
+    for path, (m_vl, _, s_vl, _) in reference.items():
+        np.testing.assert_allclose(data.load_tiff(tmp_path / "zero/texture" / path), m_vl, atol=1e-4, rtol=0)
+        assert scores[path] == pytest.approx(s_vl, abs=1e-4), path
+
+
 def test_sharded_prediction_equals_unsharded_and_last_shard_writes_scores(vlad_trained_run, tmp_path):
     run, held_out = vlad_trained_run["run"], vlad_trained_run["held_out"]
     common = ["predict", "--ckpt", str(run), "--data", str(held_out), "--k-shot", "1", "--quiet"]
@@ -2550,8 +2705,7 @@ def test_cached_and_uncached_training_give_the_same_adapter_weights(vlad_tiny_cl
         cached = load_file(str(tmp_path / cache / "vlad.safetensors"))
         for name in cached:  # the backbone runs on other batches without the cache: float rounding only
             torch.testing.assert_close(cached[name], uncached[name], atol=1e-6, rtol=1e-5)
-    assert not torch.equal(uncached["patch_adapters.0.weight"],
-                           load_file(str(tmp_path / "none/train_state.safetensors"))["vlad.patch_adapters.1.weight"])
+    vlad_assert_moved(uncached, vlad_untrained_weights(vlad_tiny_clip, gen, tmp_path / "init"))  # equal, not idle
 
 
 def test_sharded_token_caching_fills_disjoint_halves_then_a_plain_run_trains_on_them(vlad_tiny_clip, tmp_path):
@@ -2569,6 +2723,7 @@ def test_sharded_token_caching_fills_disjoint_halves_then_a_plain_run_trains_on_
     plain = load_file(str(tmp_path / "plain/vlad.safetensors"))
     for name in plain:  # other backbone batches in the shards: float rounding only
         torch.testing.assert_close(sharded[name], plain[name], atol=1e-6, rtol=1e-5)
+    vlad_assert_moved(plain, vlad_untrained_weights(vlad_tiny_clip, gen, tmp_path / "init"))
 
 
 def test_resumed_training_equals_uninterrupted_training(vlad_tiny_clip, tmp_path, monkeypatch):
@@ -2588,6 +2743,8 @@ def test_resumed_training_equals_uninterrupted_training(vlad_tiny_clip, tmp_path
     monkeypatch.setattr(vlad, "write_derived_files", write_derived_files)
     assert json.loads((tmp_path / "resumed/config.json").read_text())["epoch"] == 1
     assert len(data.read_jsonl(tmp_path / "resumed/log.jsonl")) == 1
+    after_epoch_2 = {k[len("vlad."):]: v for k, v in load_file(str(tmp_path / "resumed/train_state.safetensors")).items()
+                     if k.startswith("vlad.")}
     assert vlad.main(vlad_train_args(vlad_tiny_clip, gen, tmp_path / "resumed", "--epochs", "4")) == 2  # no --resume
     assert vlad.main(vlad_train_args(vlad_tiny_clip, gen, tmp_path / "resumed", "--epochs", "4", "--resume",
                                      "--lr", "0.5")) == 2  # other settings than the run it continues
@@ -2603,6 +2760,10 @@ def test_resumed_training_equals_uninterrupted_training(vlad_tiny_clip, tmp_path
     assert [r["lr"] for r in straight_log] == pytest.approx(  # the rate each epoch used: cosine from lr
         [vlad.LR * (1 + math.cos(math.pi * e / 4)) / 2 for e in range(4)], rel=1e-9)
     assert json.loads((tmp_path / "resumed/config.json").read_text())["epoch"] == 4
+    vlad_assert_moved(load_file(str(tmp_path / "straight/vlad.safetensors")),
+                      vlad_untrained_weights(vlad_tiny_clip, gen, tmp_path / "init"))
+    # the resumed epochs 3-4 trained too; they run at the cosine tail (lr 5e-5, 1.5e-5): measured 5.8e-5 and more
+    vlad_assert_moved(load_file(str(tmp_path / "resumed/vlad.safetensors")), after_epoch_2, margin=2e-5)
     # resuming a finished run does no work: nothing in the run folder is rewritten
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "resumed").rglob("*")}
     assert vlad.main(vlad_train_args(vlad_tiny_clip, gen, tmp_path / "resumed", "--epochs", "4", "--resume")) == 0
@@ -2716,6 +2877,46 @@ def test_same_seed_gives_same_weights_and_other_seed_differs(vlad_tiny_clip, tmp
     a, b, c = (load_file(str(tmp_path / n / "vlad.safetensors")) for n in "abc")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["patch_adapters.0.weight"], c["patch_adapters.0.weight"])
+    vlad_assert_moved(a, vlad_untrained_weights(vlad_tiny_clip, gen, tmp_path / "init", "--seed", 0))
+
+
+def test_loss_image_trains_only_the_image_adapter_and_loss_pixel_only_the_patch_adapters(vlad_tiny_clip, tmp_path):
+    gen = vlad_make_synthetic_dataset(tmp_path / "gen", n_train=2, n_good=0, n_bad=4, soft=True)
+    initial = vlad_untrained_weights(vlad_tiny_clip, gen, tmp_path / "init")
+    assert torch.equal(initial["image_adapter.weight"], torch.eye(32)) and not initial["image_adapter.bias"].any()
+    image_names = ["image_adapter.weight", "image_adapter.bias"]
+    patch_names = [name for name in initial if name.startswith("patch_adapters.")]
+    assert len(patch_names) == 8  # 4 stages x (weight, bias)
+    trained = {}
+    for terms in ("image", "pixel"):
+        assert vlad.main(vlad_train_args(vlad_tiny_clip, gen, tmp_path / terms, "--epochs", "2", "--loss", terms)) == 0
+        trained[terms] = load_file(str(tmp_path / terms / "vlad.safetensors"))
+        assert json.loads((tmp_path / terms / "config.json").read_text())["loss_terms"] == terms
+    # y_img only: the patch adapters get no gradient and keep their init exactly; the image adapter learns
+    assert all(torch.equal(trained["image"][name], initial[name]) for name in patch_names)
+    vlad_assert_moved(trained["image"], initial, image_names)
+    # y_pix only: the image adapter stays the identity (zero-shot CLIP's score); the patch adapters learn
+    assert all(torch.equal(trained["pixel"][name], initial[name]) for name in image_names)
+    vlad_assert_moved(trained["pixel"], initial, patch_names)
+
+
+def test_aux_root_contributes_only_its_test_split_and_its_train_images_are_never_read(vlad_tiny_clip, tmp_path):
+    gen = vlad_make_synthetic_dataset(tmp_path / "gen", n_train=2, n_good=0, n_bad=3, soft=True)
+    aux = vlad_make_synthetic_dataset(tmp_path / "aux", n_train=3, n_good=1, n_bad=2, seed=5)
+    for normal in (aux / "texture/train/good").iterdir():  # reading any of them would be a "corrupt image" error
+        normal.write_bytes(b"not a png")
+    assert vlad.main(vlad_train_args(vlad_tiny_clip, aux, tmp_path / "aux_as_data", "--epochs", "1")) == 2
+    assert vlad.main(vlad_train_args(vlad_tiny_clip, gen, tmp_path / "run", "--aux", aux, "--epochs", "1")) == 0
+    config = json.loads((tmp_path / "run/config.json").read_text())
+    assert config["aux"] == [str(aux.resolve())]
+    assert config["n_samples"] == (3 + 2) + (1 + 2)  # gen: test + train/good; aux: test (good and defects) only
+    assert len(list((tmp_path / "tokens").rglob("*.safetensors"))) == 8
+    without_aux = tmp_path / "without_aux"
+    assert vlad.main(vlad_train_args(vlad_tiny_clip, gen, without_aux, "--epochs", "1")) == 0
+    assert json.loads((without_aux / "config.json").read_text())["n_samples"] == 5
+    # the aux test images reach training: the weights differ from those of a run without them
+    trained, alone = load_file(str(tmp_path / "run/vlad.safetensors")), load_file(str(without_aux / "vlad.safetensors"))
+    assert not torch.equal(trained["patch_adapters.0.weight"], alone["patch_adapters.0.weight"])
 
 
 def test_predict_rejects_checkpoint_of_another_backbone(vlad_trained_run, tmp_path):
