@@ -1010,6 +1010,78 @@ def test_cli_summarize_rejects_runs_of_different_categories_and_bad_json(tmp_pat
     metrics_assert_bad_input(run_cli("metrics.py", "--summarize", tmp_path / "c.json"), "c.json")
 
 
+def metrics_save_runs(folder: Path, categories, seeds=(0, 1)) -> list[Path]:
+    """Run JSONs as --json writes them, random values (fractions) per category and their mean row."""
+    rng = np.random.default_rng(7)
+    paths = []
+    for seed in seeds:
+        rows = {name: {m: float(rng.uniform(0.5, 1.0)) for m in metrics.METRICS} for name in categories}
+        mean = {m: float(np.mean([row[m] for row in rows.values()])) for m in metrics.METRICS}
+        paths.append(folder / f"run{seed}.json")
+        data.save_json({"metrics": list(metrics.METRICS), "categories": rows, "mean": mean, "pred": str(seed)},
+                       paths[-1])
+    return paths
+
+
+def metrics_row(lines: list[str], name: str) -> list[str]:
+    """The cells of the table row called `name` (a name may hold spaces: 'paper mean', 'mean - paper')."""
+    row = next(line for line in lines if line.startswith(name + "  "))
+    return re.split(r"\s{2,}", row[len(name):].strip())
+
+
+def test_cli_summarize_prints_the_papers_row_and_yours_minus_the_papers_under_the_mean(tmp_path, capsys):
+    runs = metrics_save_runs(tmp_path, ("bottle", "screw", "zipper"))
+    inputs = [json.loads(p.read_text()) for p in runs]
+    assert metrics.main(["--summarize", *map(str, runs), "--paper", "auto:k1", "--json", str(tmp_path / "s.json")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    names = [line.split("  ")[0] for line in lines[1:8]]
+    assert names == ["bottle", "screw", "zipper", "mean", "paper mean", "mean - paper", "paper bottle"]
+    for name, paper in (("mean", metrics.PAPER["mvtec", "k1"]),                 # Table 1
+                        ("bottle", metrics.PAPER_CATEGORIES["mvtec", "k1"]["bottle"]),   # Table 6
+                        ("screw", metrics.PAPER_CATEGORIES["mvtec", "k1"]["screw"])):
+        yours = [np.mean([(run["mean"] if name == "mean" else run["categories"][name])[m] for run in inputs])
+                 for m in metrics.METRICS]
+        assert metrics_row(lines, f"paper {name}") == [f"{mean:.1f} ± {std:.1f}" for mean, std in paper.values()]
+        assert metrics_row(lines, f"{name} - paper") == [f"{100 * y - published:+.1f}"
+                                                         for y, (published, _) in zip(yours, paper.values())]
+    assert not any(line.startswith("paper zipper") for line in lines)          # not in the Table 6 excerpt
+    assert "paper: MVTec AD, k = 1 (arXiv 2406.01078v1, Table 1)" in lines[-3]
+    assert lines[-2] == "note: the paper's mean is over MVTec AD's 15 categories, yours over 3 of them."
+    comparison = json.loads((tmp_path / "s.json").read_text())["paper"]       # fractions, like the rest
+    assert comparison["rows"]["mean"]["difference"]["PRO"] == pytest.approx(
+        np.mean([run["mean"]["PRO"] for run in inputs]) - 0.919)
+
+    visa = tmp_path / "visa"
+    visa.mkdir()
+    runs = metrics_save_runs(visa, ("candle", "pcb1"))
+    assert metrics.main(["--summarize", *map(str, runs), "--paper", "visa:all"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert metrics_row(lines, "paper mean") == ["95.8", "91.9", "98.7", "58.7", "97.7"]  # Table 2: no std
+    assert "paper: VisA, full-shot (arXiv 2406.01078v1, Table 2)" in lines[-2]
+
+
+def test_cli_summarize_of_categories_of_no_known_dataset_prints_no_paper_row_and_says_so(tmp_path, capsys):
+    runs = metrics_save_runs(tmp_path, ("cookie", "bottle"))
+    assert metrics.main(["--summarize", *map(str, runs), "--paper", "auto:k2", "--json", str(tmp_path / "s.json")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines[1:4]] == ["cookie", "bottle", "mean"]
+    assert lines[4] == "mean ± sample std over 2 runs" and lines[6] == f"wrote {tmp_path / 's.json'}"
+    assert lines[5] == ("paper: no row, the categories (cookie, bottle) are neither MVTec AD's nor VisA's; give "
+                         "--paper mvtec:k2 or visa:k2 to compare anyway.")
+    assert "paper" not in json.loads((tmp_path / "s.json").read_text())
+
+
+@pytest.mark.parametrize("value", ["mvtec", "mvtec:k3", "imagenet:k1", "auto:", "MVTec:k1"])
+def test_cli_summarize_rejects_a_bad_paper_value_in_one_line_with_exit_2(tmp_path, capsys, value):
+    runs = metrics_save_runs(tmp_path, ("bottle",))
+    assert metrics.main(["--summarize", *map(str, runs), "--paper", value, "--json", str(tmp_path / "s.json")]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == (
+        f"error: --paper {value!r}: expected DATASET:SETTING with DATASET one of mvtec, visa, auto and SETTING one "
+        f"of k1, k2, k4, all, k1-image, k1-pixel, e.g. mvtec:k1.\n")
+    assert not (tmp_path / "s.json").exists()
+
+
 CUT_SIZE = 64                       # pixels; with the factor-2 VAE the 16x16 attention grid of SD at 512
 CUT_PROMPT = "a photo of a {cls} that is damaged"
 CUT_FAST = dict(steps=20, gamma=0.5, thresholds={0: 0.05, 5: 0.5}, max_iters=3, early_stop_after=3)
