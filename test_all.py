@@ -2788,59 +2788,113 @@ def e2e_files(folder: Path) -> dict:
     return {p: p.stat().st_mtime_ns for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+E2E_TOKEN_CACHE_LINE = re.compile(r"^token cache (.+): (\d+) computed, (\d+) reused$", re.MULTILINE)
+
+
+def e2e_token_cache_lines(stdout: str) -> list[tuple[Path, int, int]]:
+    """`vlad.py train`'s line per call: (cache folder, images whose tokens were computed, images reused)."""
+    return [(Path(folder), int(computed), int(reused)) for folder, computed, reused in
+            E2E_TOKEN_CACHE_LINE.findall(stdout)]
+
+
+def e2e_training_images(shot: Path, aux: Path) -> int:
+    """What `vlad.py train` trains on: the generated test split and train/good, and the auxiliary test split."""
+    generated = shot / "generated"
+    return (sum(len(data.read_split(generated, c, split)) for c in data.list_categories(generated)
+                for split in ("test", "train"))
+            + sum(len(data.read_split(aux, c, "test")) for c in data.list_categories(aux)))
+
+
+def e2e_summary_rows(summary: str) -> dict[str, list[float]]:
+    """The numbers of each row of a summary table that holds mean ± std cells."""
+    rows = {}
+    for line in summary.splitlines()[1:]:
+        cells = re.findall(r"(-?\d+(?:\.\d+)?) ± (\d+(?:\.\d+)?)", line)
+        if cells:
+            rows.setdefault(line.split("  ")[0], [float(v) for cell in cells for v in cell])
+    return rows
+
+
 def test_reproduce_sh_runs_the_whole_chain_and_a_second_run_does_no_work(cut_tiny_sd, vlad_tiny_clip, tmp_path):
-    dataset = vlad_make_synthetic_dataset(tmp_path / "data", categories=("texture",), n_train=2, n_good=2, n_bad=2)
+    dataset = vlad_make_synthetic_dataset(tmp_path / "data", categories=("texture",), n_train=2, n_good=1, n_bad=1)
     e2e_cookie_category(dataset)
     aux = vlad_make_synthetic_dataset(tmp_path / "aux", categories=("tile",), n_train=0, n_good=1, n_bad=2, seed=3)
     out = tmp_path / "out"
-    env = dict(os.environ, SHOTS="1", SEEDS="0 1", N_FEW="2", PYTHON=sys.executable, OMP_NUM_THREADS="1",
-               CUT_ARGS=f"--model {cut_tiny_sd} --size {CUT_SIZE} --steps 20 --gamma 0.5 --thresholds 0:0.05,5:0.5 "
-                        f"--max-iters 3 --device cpu",
-               TRAIN_ARGS=f"--model {vlad_tiny_clip} --image-size {VLAD_TINY_SIZE} --epochs 2 --batch-size 4 "
+    env = dict(os.environ, SEEDS="0", N_FEW="1", N_FULL="1", PYTHON=sys.executable, OMP_NUM_THREADS="1",
+               CUT_ARGS=f"--model {cut_tiny_sd} --size {CUT_SIZE} --steps 10 --gamma 0.5 --thresholds 0:0.05,2:0.5 "
+                        f"--max-iters 2 --device cpu",
+               TRAIN_ARGS=f"--model {vlad_tiny_clip} --image-size {VLAD_TINY_SIZE} --epochs 1 --batch-size 4 "
                           f"--device cpu --quiet",
                PREDICT_ARGS="--device cpu --quiet")
-    command = ["bash", str(HERE / "reproduce.sh"), str(dataset), str(aux), str(out)]
-    first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    both = dict(env, SHOTS="1 all")                                  # Table 1 (k = 1) and Table 2 (full-shot)
+    image = dict(env, SHOTS="1", LOSS="image", DATASET="mvtec")      # Table 4, y_img only, beside MVTec AD's row
 
-    for seed in (0, 1):
-        run = out / f"k1_seed{seed}_loss-both"
+    def reproduce(settings: dict) -> str:
+        result = subprocess.run(["bash", str(HERE / "reproduce.sh"), str(dataset), str(aux), str(out)], env=settings,
+                                capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        return result.stdout
+
+    first = reproduce(both)
+    for k in ("1", "all"):
+        shot = out / f"k{k}_seed0"                     # what every LOSS shares: the k normals and CUT's samples
+        assert sorted(p.name for p in shot.iterdir()) == \
+            ["generated", "loss-both", "normals_cookie.txt", "normals_texture.txt"]
         for category in ("cookie", "texture"):
-            normals = (run / f"normals_{category}.txt").read_text().split()
-            train_good = [s.image for s in data.read_split(dataset, category, "train")]
-            assert normals == [str(p) for p in data.select_k_shot(train_good, 1, seed)]
-            generated = run / "generated" / category                      # a complete few-shot training set
-            assert [p.name for p in data.list_images(generated / "train/good")] == [Path(normals[0]).name]
-            samples = data.read_split(run / "generated", category, "test")
-            assert [(s.defect, s.image.name) for s in samples] == \
-                [("damaged", f"{Path(normals[0]).stem}_{i}.png") for i in range(2)]
-            assert len(data.read_jsonl(generated / "meta.jsonl")) == 2 and (generated / "preview.png").is_file()
-            predictions = run / "predictions" / category
+            normals = (shot / f"normals_{category}.txt").read_text().split()
+            train_good = sorted(s.image for s in data.read_split(dataset, category, "train"))
+            assert normals == [str(p) for p in (data.select_k_shot(train_good, 1, 0) if k == "1" else train_good)]
+            generated = shot / "generated" / category                      # a complete training set
+            assert [p.name for p in data.list_images(generated / "train/good")] == [Path(n).name for n in normals]
+            assert [(s.defect, s.image.name) for s in data.read_split(shot / "generated", category, "test")] == \
+                [("damaged", f"{Path(n).stem}_0.png") for n in normals]
+            assert len(data.read_jsonl(generated / "meta.jsonl")) == len(normals)
+            predictions = shot / "loss-both" / "predictions" / category
             tests = data.read_split(dataset, category, "test")
             assert len(list(predictions.rglob("*.tiff"))) == len(tests)
             assert (predictions / "scores.csv").read_text().count("\n") == len(tests) + 1
             assert json.loads((predictions / "k_shot.json").read_text())["images"] == \
-                [Path(n).relative_to(dataset / category).as_posix() for n in normals]   # the same k normals
+                [Path(n).relative_to(dataset / category).as_posix() for n in normals]   # the same normals
         assert {"vlad.safetensors", "config.json", "train_state.safetensors"} <= \
-            {p.name for p in (run / "model").iterdir()}
-        result = json.loads((run / "metrics.json").read_text())
-        for category in ("cookie", "texture"):
-            assert all(math.isfinite(result["categories"][category][m]) for m in metrics.METRICS)
+            {p.name for p in (shot / "loss-both" / "model").iterdir()}
+        result = json.loads((shot / "loss-both" / "metrics.json").read_text())
+        assert all(math.isfinite(result["categories"][c][m]) for c in ("cookie", "texture") for m in metrics.METRICS)
+        summary = (out / f"summary_k{k}_loss-both.txt").read_text()
+        rows = e2e_summary_rows(summary)
+        assert list(rows) == ["cookie", "texture", "mean"]
+        assert all(len(values) == 10 and all(map(math.isfinite, values)) for values in rows.values()), summary
+        assert summary.splitlines()[-1].startswith("paper: no row, the categories (cookie, texture) are neither")
 
-    summary = (out / "summary_k1_loss-both.txt").read_text()
-    rows = {}
-    for line in summary.splitlines():
-        if line.split():
-            rows.setdefault(line.split()[0], line)           # the table's rows come before any note
-    for name in ("cookie", "texture", "mean"):
-        values = [float(v) for v in re.findall(r"(-?\d+(?:\.\d+)?) ± (\d+(?:\.\d+)?)", rows[name])
-                  for v in v]
-        assert len(values) == 10 and all(math.isfinite(v) for v in values), rows[name]
+    # One token cache for the dataset: the first train computes every image; full-shot reuses the auxiliary ones.
+    (folder_1, computed_1, reused_1), (folder_all, computed_all, reused_all) = e2e_token_cache_lines(first)
+    assert folder_1.resolve() == folder_all.resolve() == (out / "token_cache").resolve()
+    assert any((out / "token_cache").iterdir())
+    assert (computed_1, reused_1) == (e2e_training_images(out / "k1_seed0", aux), 0)
+    assert computed_all + reused_all == e2e_training_images(out / "kall_seed0", aux)
+    assert reused_all >= len(data.read_split(aux, "tile", "test"))
 
+    # Table 4 with another LOSS: the same samples, nothing generated, every token reused; MVTec AD's row beside.
+    shared = {**e2e_files(out / "k1_seed0" / "generated"), **e2e_files(out / "k1_seed0" / "loss-both")}
+    second = reproduce(image)
+    assert "cut.py: wrote 0 samples, skipped 2 already complete" in second
+    assert {**e2e_files(out / "k1_seed0" / "generated"), **e2e_files(out / "k1_seed0" / "loss-both")} == shared
+    [(folder, computed, reused)] = e2e_token_cache_lines(second)
+    assert (folder.resolve(), computed, reused) == \
+        ((out / "token_cache").resolve(), 0, e2e_training_images(out / "k1_seed0", aux))
+    run = out / "k1_seed0" / "loss-image"
+    assert sorted(p.name for p in run.iterdir()) == ["metrics.json", "model", "predictions"]
+    assert not (out / "kall_seed0" / "loss-image").exists()
+    yours = json.loads((run / "metrics.json").read_text())["mean"]          # one seed: the summary's mean
+    lines = (out / "summary_k1_loss-image.txt").read_text().splitlines()
+    paper = metrics.PAPER["mvtec", "k1-image"]
+    assert metrics_row(lines, "paper mean") == [f"{mean:.1f} ± {std:.1f}" for mean, std in paper.values()]
+    assert metrics_row(lines, "mean - paper") == [f"{100 * yours[m] - paper[m][0]:+.1f}" for m in metrics.METRICS]
+    assert "paper: MVTec AD, k = 1 trained with y_img only (arXiv 2406.01078v1, Table 4)" in lines[-2]
+
+    # The same command again: nothing generated, trained, predicted or written, anywhere in OUT.
+    summaries = {p.name: p.read_text() for p in out.glob("summary_*.txt")}
     before = e2e_files(out)
-    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert e2e_files(out) == before                      # nothing generated, trained, predicted or written again
-    assert (out / "summary_k1_loss-both.txt").read_text() == summary
-    assert second.stdout.count("wrote 0 samples, skipped 4 already complete") == 2   # one cut.py call per run
-    assert "already trained" in second.stdout
+    third = reproduce(image)
+    assert e2e_files(out) == before
+    assert {p.name: p.read_text() for p in out.glob("summary_*.txt")} == summaries and len(summaries) == 3
+    assert "cut.py: wrote 0 samples, skipped 2 already complete" in third and "already trained" in third
