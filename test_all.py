@@ -2866,7 +2866,9 @@ def test_reproduce_sh_runs_the_whole_chain_and_a_second_run_does_no_work(cut_tin
         assert summary.splitlines()[-1].startswith("paper: no row, the categories (cookie, texture) are neither")
 
     # One token cache for the dataset: the first train computes every image; full-shot reuses the auxiliary ones.
-    (folder_1, computed_1, reused_1), (folder_all, computed_all, reused_all) = e2e_token_cache_lines(first)
+    lines = e2e_token_cache_lines(first)
+    assert len(lines) == 2, "each `vlad.py train` prints 'token cache DIR: N computed, M reused'\n" + first
+    (folder_1, computed_1, reused_1), (folder_all, computed_all, reused_all) = lines
     assert folder_1.resolve() == folder_all.resolve() == (out / "token_cache").resolve()
     assert any((out / "token_cache").iterdir())
     assert (computed_1, reused_1) == (e2e_training_images(out / "k1_seed0", aux), 0)
@@ -2878,7 +2880,9 @@ def test_reproduce_sh_runs_the_whole_chain_and_a_second_run_does_no_work(cut_tin
     second = reproduce(image)
     assert "cut.py: wrote 0 samples, skipped 2 already complete" in second
     assert {**e2e_files(out / "k1_seed0" / "generated"), **e2e_files(out / "k1_seed0" / "loss-both")} == shared
-    [(folder, computed, reused)] = e2e_token_cache_lines(second)
+    lines = e2e_token_cache_lines(second)
+    assert len(lines) == 1, second
+    [(folder, computed, reused)] = lines
     assert (folder.resolve(), computed, reused) == \
         ((out / "token_cache").resolve(), 0, e2e_training_images(out / "k1_seed0", aux))
     run = out / "k1_seed0" / "loss-image"
