@@ -2,6 +2,7 @@
 
     python metrics.py --pred PRED --gt ROOT [--json FILE] [--categories bottle cable ...]
     python metrics.py --summarize RUN1.json RUN2.json ...      mean +- std over runs (few-shot seeds)
+    python metrics.py --summarize RUN*.json --paper mvtec:k1   ... with the paper's row and yours - paper
 
 - I-AUC / P-AUC: area under the ROC curve of the image scores / of all pixels. Equal scores form one step of
   the curve (a tie between a normal and an anomalous sample counts one half), never split by sort order.
@@ -33,6 +34,9 @@ JSON written by --json (values are fractions in [0, 1]; null where a metric is u
                          "masks_resized": 0, "first_mask_resized": null}, ...},
                                         # map_size: [W, H] when every map has one size, else null
      "pred": "PRED", "gt": "ROOT"}
+
+--summarize --json writes {"runs", "categories", "mean"} with {"mean", "std", "n"} per metric, fractions too; with
+--paper, also "paper": the paper's numbers (PAPER below, published in %) and yours - paper, as fractions.
 """
 
 from __future__ import annotations
@@ -374,6 +378,98 @@ def prediction_categories(pred_root: Path) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# The paper's published numbers (arXiv 2406.01078v1), printed beside a reproduction by --summarize --paper
+# ---------------------------------------------------------------------------------------------------------
+
+MVTEC_CATEGORIES = ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut", "pill",
+                    "screw", "tile", "toothbrush", "transistor", "wood", "zipper")
+VISA_CATEGORIES = ("candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1", "macaroni2", "pcb1", "pcb2",
+                   "pcb3", "pcb4", "pipe_fryum")  # as `data.py visa-to-mvtec` names them: VisA's own folder names
+DATASETS = {"mvtec": ("MVTec AD", MVTEC_CATEGORIES), "visa": ("VisA", VISA_CATEGORIES)}
+
+# setting -> (what was run, where the paper reports it)
+PAPER_SETTINGS = {"k1": ("k = 1", "Table 1"), "k2": ("k = 2", "Table 1"), "k4": ("k = 4", "Table 1"),
+                  "all": ("full-shot", "Table 2"), "k1-image": ("k = 1 trained with y_img only", "Table 4"),
+                  "k1-pixel": ("k = 1 trained with y_pix only", "Table 4")}
+
+# (dataset, setting) -> metric -> (mean, std or None) in %, VLAD trained on CUT's samples: mean ± std over 5
+# seeds, except full-shot (one run, no std). Table 4's row "both" is Table 1's k = 1.
+PAPER = {key: dict(zip(METRICS, row)) for key, row in {
+    #                      I-AUC        I-F1         P-AUC        P-F1         PRO
+    ("mvtec", "k1"):       [(94.9, 0.4), (94.7, 0.4), (95.4, 0.2), (57.3, 0.0), (91.9, 0.0)],
+    ("mvtec", "k2"):       [(95.8, 0.2), (95.2, 0.2), (96.0, 0.2), (58.8, 0.2), (92.6, 0.1)],
+    ("mvtec", "k4"):       [(96.4, 0.1), (95.1, 0.1), (96.2, 0.1), (59.8, 0.1), (93.0, 0.0)],
+    ("mvtec", "all"):      [(98.4, None), (96.9, None), (97.4, None), (65.1, None), (94.7, None)],
+    ("mvtec", "k1-image"): [(94.0, 0.2), (94.2, 0.3), (95.0, 0.1), (55.8, 0.4), (91.7, 0.1)],
+    ("mvtec", "k1-pixel"): [(93.4, 0.6), (93.8, 0.3), (95.4, 0.0), (57.0, 0.2), (92.0, 0.0)],
+    ("visa", "k1"):        [(89.7, 0.8), (85.8, 0.5), (97.7, 0.4), (43.2, 0.4), (92.5, 0.1)],
+    ("visa", "k2"):        [(91.3, 0.4), (87.2, 0.6), (97.9, 0.4), (44.9, 0.3), (92.7, 0.1)],
+    ("visa", "k4"):        [(91.7, 1.0), (87.1, 0.1), (97.8, 0.4), (47.9, 0.2), (93.4, 0.1)],
+    ("visa", "all"):       [(95.8, None), (91.9, None), (98.7, None), (58.7, None), (97.7, None)],
+    ("visa", "k1-image"):  [(87.3, 0.6), (83.5, 0.5), (97.5, 0.1), (42.1, 1.1), (92.7, 0.3)],
+    ("visa", "k1-pixel"):  [(85.7, 1.1), (82.4, 1.0), (97.7, 0.1), (42.8, 1.0), (92.9, 0.2)],
+}.items()}
+
+# Per category, where we have the paper's Table 6 (an excerpt: MVTec AD, k = 1), same units.
+PAPER_CATEGORIES = {("mvtec", "k1"): {name: dict(zip(METRICS, row)) for name, row in {
+    "bottle":     [(98.9, 0.1), (97.9, 0.5), (96.3, 0.0), (71.0, 0.2), (92.7, 0.0)],
+    "carpet":     [(100.0, 0.0), (100.0, 0.0), (99.0, 0.0), (75.1, 0.1), (97.5, 0.0)],
+    "screw":      [(74.9, 3.1), (87.2, 1.3), (97.8, 0.0), (42.5, 0.3), (92.3, 0.0)],
+    "transistor": [(91.4, 2.1), (80.7, 4.4), (79.6, 0.0), (37.1, 0.2), (64.0, 0.2)],
+}.items()}}
+
+
+def parse_paper(text: str) -> tuple[str, str]:
+    """'DATASET:SETTING' (e.g. mvtec:k1, visa:all, auto:k1-image) -> (dataset, setting); DataError otherwise."""
+    dataset, _, setting = text.partition(":")
+    if dataset not in (*DATASETS, "auto") or setting not in PAPER_SETTINGS:
+        raise data.DataError(f"--paper {text!r}: expected DATASET:SETTING with DATASET one of "
+                             f"{', '.join((*DATASETS, 'auto'))} and SETTING one of {', '.join(PAPER_SETTINGS)}, "
+                             f"e.g. mvtec:k1.")
+    return dataset, setting
+
+
+def detect_dataset(categories) -> str | None:
+    """The benchmark whose categories these all are ('mvtec' or 'visa'), None when neither's."""
+    for dataset, (_, known) in DATASETS.items():
+        if set(categories) <= set(known):
+            return dataset
+    return None
+
+
+def compare_with_paper(summary: dict, dataset: str, setting: str) -> dict:
+    """The paper's rows for (dataset, setting) beside a summary (as `summarize` returns it): for the mean and
+    each category the paper lists, the paper's {"mean", "std"} and the difference yours - paper of the means
+    (None where yours is undefined). Fractions, as everywhere in this module; PAPER itself is in %."""
+    rows = {"mean": (summary["mean"], PAPER[dataset, setting])}
+    listed = PAPER_CATEGORIES.get((dataset, setting), {})
+    rows.update({name: (summary["categories"][name], listed[name]) for name in summary["categories"] if name in listed})
+    comparison = {"dataset": dataset, "setting": setting, "rows": {}}
+    for name, (yours, paper) in rows.items():
+        comparison["rows"][name] = {
+            "paper": {m: {"mean": paper[m][0] / 100, "std": None if paper[m][1] is None else paper[m][1] / 100}
+                      for m in METRICS},
+            "difference": {m: None if yours[m]["mean"] is None else (100 * yours[m]["mean"] - paper[m][0]) / 100
+                           for m in METRICS}}
+    return comparison
+
+
+def paper_notes(comparison: dict, categories) -> list[str]:
+    """What the paper's rows are, and when its mean is over other categories than yours."""
+    name, known = DATASETS[comparison["dataset"]]
+    what, table = PAPER_SETTINGS[comparison["setting"]]
+    lines = [f"paper: {name}, {what} (arXiv 2406.01078v1, {table}); X - paper: yours minus the paper's, in points"]
+    foreign = [c for c in categories if c not in known]
+    if foreign:
+        lines.append(f"note: {', '.join(foreign)} {'is' if len(foreign) == 1 else 'are'} not {name} "
+                     f"categor{'y' if len(foreign) == 1 else 'ies'}; the paper's mean is over its {len(known)}.")
+    elif len(categories) < len(known):
+        lines.append(f"note: the paper's mean is over {name}'s {len(known)} categories, yours over "
+                     f"{len(categories)} of them.")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Tables
 # ---------------------------------------------------------------------------------------------------------
 
@@ -413,19 +509,29 @@ def _summary_cells(summary: dict) -> list[dict]:
     return [row[m] for row in list(summary["categories"].values()) + [summary["mean"]] for m in METRICS]
 
 
-def format_summary(summary: dict) -> str:
+def _mean_std_cell(cell: dict) -> str:
+    if cell["mean"] is None:
+        return "n/a"
+    return f"{100 * cell['mean']:.1f}" + ("" if cell["std"] is None else f" ± {100 * cell['std']:.1f}")
+
+
+def format_summary(summary: dict, comparison: dict | None = None) -> str:
     """The mean ± std table, in %. A cell averaged over fewer runs than the most any cell has is marked (n=k):
-    the other runs have no value there (null: one class only)."""
-    rows = list(summary["categories"].items()) + [("mean", summary["mean"])]
+    the other runs have no value there (null: one class only). With a comparison (`compare_with_paper`), under
+    the mean row: the paper's row ("paper mean") and the difference ("mean - paper", in points), then the same
+    for each category the paper lists."""
     most = max(cell["n"] for cell in _summary_cells(summary))
-    width = max(len("category"), *(len(name) for name, _ in rows))
-    cells = {name: [("n/a" if row[m]["mean"] is None else
-                     f"{100 * row[m]['mean']:.1f} ± {100 * row[m]['std']:.1f}"
-                     + (f" (n={row[m]['n']})" if row[m]["n"] < most else "")) for m in METRICS]
-             for name, row in rows}
+    cells = {name: [_mean_std_cell(row[m]) + (f" (n={row[m]['n']})" if row[m]["n"] < most else "")
+                    for m in METRICS]
+             for name, row in list(summary["categories"].items()) + [("mean", summary["mean"])]}
+    for name, row in (comparison or {"rows": {}})["rows"].items():
+        cells[f"paper {name}"] = [_mean_std_cell(row["paper"][m]) for m in METRICS]
+        cells[f"{name} - paper"] = ["n/a" if row["difference"][m] is None else f"{100 * row['difference'][m]:+.1f}"
+                                    for m in METRICS]
+    width = max(len("category"), *(len(name) for name in cells))
     column = max(12, *(len(c) + 2 for values in cells.values() for c in values))
     lines = [f"{'category':<{width}}" + "".join(f"{m:>{column}}" for m in METRICS)]
-    lines += [f"{name:<{width}}" + "".join(f"{c:>{column}}" for c in cells[name]) for name, _ in rows]
+    lines += [f"{name:<{width}}" + "".join(f"{c:>{column}}" for c in values) for name, values in cells.items()]
     return "\n".join(lines)
 
 
@@ -555,11 +661,25 @@ def run_summary(args) -> None:
             raise data.DataError(f"{path}: its categories ({', '.join(run['categories'])}) differ from those of "
                                  f"{args.summarize[0]} ({', '.join(names)}); summarize runs of one benchmark.")
     summary = summarize(runs)
+    comparison, notes = None, []
+    if args.paper:
+        dataset, setting = parse_paper(args.paper)
+        if dataset == "auto":
+            dataset = detect_dataset(names)
+        if dataset is None:
+            notes.append(f"paper: no row, the categories ({', '.join(names)}) are neither MVTec AD's nor VisA's; "
+                         f"give --paper mvtec:{setting} or visa:{setting} to compare anyway.")
+        else:
+            comparison = compare_with_paper(summary, dataset, setting)
+            notes += paper_notes(comparison, names)
     if args.json:  # first: the file is the result, and printing may fail (a closed pipe)
         data.save_json({"metrics": list(METRICS), "runs": [str(p) for p in args.summarize],
-                        "runs_without_values": runs_without_values(args.summarize, runs), **summary}, args.json)
-    print(format_summary(summary))
+                        "runs_without_values": runs_without_values(args.summarize, runs), **summary,
+                        **({"paper": comparison} if comparison else {})}, args.json)
+    print(format_summary(summary, comparison))
     print(summary_footer(summary, args.summarize, runs))
+    for note in notes:
+        print(note)
     if args.json:
         print(f"wrote {args.json}")
 
@@ -574,7 +694,12 @@ def main(argv=None) -> int:
     parser.add_argument("--fpr-limit", type=float, default=FPR_LIMIT, help="PRO integration limit (default 0.3)")
     parser.add_argument("--summarize", nargs="+", metavar="RUN.json",
                         help="print mean +- std over the JSON files of several runs instead of evaluating")
+    parser.add_argument("--paper", metavar="DATASET:SETTING",
+                        help="with --summarize: also the paper's row and yours - paper; DATASET mvtec, visa or auto "
+                             "(from the category names), SETTING k1, k2, k4, all, k1-image or k1-pixel (Table 4)")
     args = parser.parse_args(argv)
+    if args.paper and not args.summarize:
+        parser.error("--paper compares a summary with the paper; give it with --summarize RUN.json ...")
     if args.summarize and (args.pred or args.gt):
         parser.error("--summarize takes JSON files only; do not combine it with --pred/--gt")
     if not args.summarize and not (args.pred and args.gt):
@@ -582,6 +707,8 @@ def main(argv=None) -> int:
     if not 0.0 < args.fpr_limit <= 1.0:
         parser.error(f"--fpr-limit must be in (0, 1], got {args.fpr_limit}")
     try:
+        if args.paper:  # before any work, like --json
+            parse_paper(args.paper)
         if args.json:  # before any work: a typo in the output path costs one sentence, not the evaluation
             data.check_output_file(args.json, "--json")
         run_summary(args) if args.summarize else run_evaluation(args)

@@ -6,7 +6,11 @@
 #
 #   DATA  MVTec-layout root of the benchmark: MVTec AD, or VisA converted with `python data.py visa-to-mvtec`
 #   AUX   MVTec-layout root of the auxiliary training set (VisA for MVTec AD, MVTec AD for VisA); '-' for none
-#   OUT   working folder; OUT/summary_k<K>_loss-<LOSS>.txt holds the mean +- std table of each k
+#   OUT   working folder:
+#           OUT/k<K>_seed<S>/normals_<category>.txt, generated/   the k normal images and CUT's samples, shared by
+#                                                                every LOSS (Table 4 trains on the same samples)
+#           OUT/k<K>_seed<S>/loss-<LOSS>/model/, predictions/, metrics.json
+#           OUT/summary_k<K>_loss-<LOSS>.txt   mean +- std over seeds, with the paper's row and yours - paper
 #
 # Settings, as environment variables (defaults are the paper's protocol):
 #   SHOTS         few-shot k values and/or 'all' (full-shot)                 default "1 2 4 all"
@@ -15,6 +19,9 @@
 #   PROMPT        CUT's prompt                                              default "A photo of a {cls} that is damaged"
 #   N_FEW, N_FULL samples generated per normal image, few-/full-shot        default 100 and 5
 #   LOSS          Table 4 ablation: both | image | pixel (y_img, y_pix)     default both
+#   DATASET       whose published numbers to print beside yours: mvtec | visa | auto (from the category names
+#                 of DATA; neither's -> no paper row)                       default auto
+#   TOKEN_CACHE   the frozen backbone's tokens, shared by every train call  default OUT/token_cache
 #   CUT_ARGS      extra flags for cut.py  (e.g. "--model /path/to/sd15 --batch 4")
 #   TRAIN_ARGS    extra flags for `vlad.py train` (e.g. "--model ViT-L-14-quickgelu --pretrained openai")
 #   PREDICT_ARGS  extra flags for `vlad.py predict`
@@ -32,6 +39,8 @@ PROMPT=${PROMPT:-A photo of a {cls\} that is damaged}
 N_FEW=${N_FEW:-100}
 N_FULL=${N_FULL:-5}
 LOSS=${LOSS:-both}
+DATASET=${DATASET:-auto}
+TOKEN_CACHE=${TOKEN_CACHE:-$OUT/token_cache}
 PYTHON=${PYTHON:-python}
 HERE=$(cd "$(dirname "$0")" && pwd)
 read -r -a cut_args <<<"${CUT_ARGS:-}"
@@ -40,6 +49,8 @@ read -r -a predict_args <<<"${PREDICT_ARGS:-}"
 
 [ -d "$DATA" ] || { echo "error: $DATA: no such dataset folder." >&2; exit 2; }
 [ "$AUX" = "-" ] || [ -d "$AUX" ] || { echo "error: $AUX: no such auxiliary dataset folder ('-' for none)." >&2; exit 2; }
+case "$LOSS" in both | image | pixel) ;; *) echo "error: LOSS=$LOSS: expected both, image or pixel." >&2; exit 2 ;; esac
+case "$DATASET" in mvtec | visa | auto) ;; *) echo "error: DATASET=$DATASET: expected mvtec, visa or auto." >&2; exit 2 ;; esac
 mkdir -p "$OUT"
 mapfile -t categories < <("$PYTHON" "$HERE/data.py" info "$DATA" | tail -n +2 | awk '{print $1}')
 aux_data=()
@@ -48,28 +59,31 @@ aux_data=()
 for k in $SHOTS; do
   if [ "$k" = "all" ]; then seeds=$FULL_SEEDS n=$N_FULL; else seeds=$SEEDS n=$N_FEW; fi
   for seed in $seeds; do
-    run="$OUT/k${k}_seed${seed}_loss-${LOSS}"
-    echo "== k=$k seed=$seed -> $run"
+    shot="$OUT/k${k}_seed${seed}"  # the k normal images and CUT's samples: the same for every LOSS
+    run="$shot/loss-${LOSS}"
+    echo "== k=$k seed=$seed loss=$LOSS -> $run"
 
     # 1. Generate: the k normal images of each category (recorded in normals_<category>.txt) -> anomalies,
     #    in one cut.py call (one model load) that reads each category from its DATA/<category>/train/good path.
     #    cut.py copies them to generated/<category>/train/good, so generated/ is a complete training set.
+    #    Another LOSS finds them complete and generates nothing.
     images=()
     for category in "${categories[@]}"; do
-      normals="$run/normals_$category.txt"
+      normals="$shot/normals_$category.txt"
       if [ ! -f "$normals" ]; then
-        mkdir -p "$run"
+        mkdir -p "$shot"
         "$PYTHON" "$HERE/data.py" k-shot "$DATA" "$category" "$k" --seed "$seed" >"$normals.tmp"
         mv "$normals.tmp" "$normals"
       fi
       while read -r image; do images+=(--image "$image"); done <"$normals"
     done
-    "$PYTHON" "$HERE/cut.py" "${images[@]}" --prompt "$PROMPT" --n "$n" --seed 0 --out "$run/generated" \
+    "$PYTHON" "$HERE/cut.py" "${images[@]}" --prompt "$PROMPT" --n "$n" --seed 0 --out "$shot/generated" \
       "${cut_args[@]}"
 
-    # 2. Train VLAD on the generated set (plus the auxiliary dataset's test split).
-    "$PYTHON" "$HERE/vlad.py" train --data "$run/generated" "${aux_data[@]}" --loss "$LOSS" --seed "$seed" \
-      --out "$run/model" --resume "${train_args[@]}"
+    # 2. Train VLAD on the generated set (plus the auxiliary dataset's test split). The backbone's tokens of an
+    #    image are computed once, whichever k, seed or LOSS trains on it (the auxiliary images: by every run).
+    "$PYTHON" "$HERE/vlad.py" train --data "$shot/generated" "${aux_data[@]}" --loss "$LOSS" --seed "$seed" \
+      --out "$run/model" --resume --cache-dir "$TOKEN_CACHE" "${train_args[@]}"
 
     # 3. Predict on the benchmark's test split with the same k normal images in the memory bank.
     "$PYTHON" "$HERE/vlad.py" predict --ckpt "$run/model" --data "$DATA" --k-shot "$k" --seed "$seed" \
@@ -81,10 +95,17 @@ for k in $SHOTS; do
     fi
   done
 
-  # 5. Mean +- std over seeds, in the paper's format.
-  mapfile -t results < <(ls "$OUT"/k"${k}"_seed*_loss-"${LOSS}"/metrics.json)
+  # 5. Mean +- std over seeds, in the paper's format, with the paper's row beside it: Table 1 (k = 1, 2, 4),
+  #    Table 2 (full-shot), Table 4 (k = 1 trained with y_img or y_pix only).
+  case "$LOSS:$k" in
+    both:1 | both:2 | both:4) paper=(--paper "$DATASET:k$k") ;;
+    both:all) paper=(--paper "$DATASET:all") ;;
+    image:1 | pixel:1) paper=(--paper "$DATASET:k1-$LOSS") ;;
+    *) paper=(); echo "== the paper has no row for k=$k with LOSS=$LOSS" ;;
+  esac
+  mapfile -t results < <(ls "$OUT"/k"${k}"_seed*/loss-"${LOSS}"/metrics.json)
   summary="$OUT/summary_k${k}_loss-${LOSS}.txt"
-  "$PYTHON" "$HERE/metrics.py" --summarize "${results[@]}" >"$summary.tmp"
+  "$PYTHON" "$HERE/metrics.py" --summarize "${results[@]}" "${paper[@]}" >"$summary.tmp"
   if cmp -s "$summary.tmp" "$summary"; then rm "$summary.tmp"; else mv "$summary.tmp" "$summary"; fi
   echo "== k=$k, ${#results[@]} seed(s), loss $LOSS:"
   cat "$summary"

@@ -1010,6 +1010,78 @@ def test_cli_summarize_rejects_runs_of_different_categories_and_bad_json(tmp_pat
     metrics_assert_bad_input(run_cli("metrics.py", "--summarize", tmp_path / "c.json"), "c.json")
 
 
+def metrics_save_runs(folder: Path, categories, seeds=(0, 1)) -> list[Path]:
+    """Run JSONs as --json writes them, random values (fractions) per category and their mean row."""
+    rng = np.random.default_rng(7)
+    paths = []
+    for seed in seeds:
+        rows = {name: {m: float(rng.uniform(0.5, 1.0)) for m in metrics.METRICS} for name in categories}
+        mean = {m: float(np.mean([row[m] for row in rows.values()])) for m in metrics.METRICS}
+        paths.append(folder / f"run{seed}.json")
+        data.save_json({"metrics": list(metrics.METRICS), "categories": rows, "mean": mean, "pred": str(seed)},
+                       paths[-1])
+    return paths
+
+
+def metrics_row(lines: list[str], name: str) -> list[str]:
+    """The cells of the table row called `name` (a name may hold spaces: 'paper mean', 'mean - paper')."""
+    row = next(line for line in lines if line.startswith(name + "  "))
+    return re.split(r"\s{2,}", row[len(name):].strip())
+
+
+def test_cli_summarize_prints_the_papers_row_and_yours_minus_the_papers_under_the_mean(tmp_path, capsys):
+    runs = metrics_save_runs(tmp_path, ("bottle", "screw", "zipper"))
+    inputs = [json.loads(p.read_text()) for p in runs]
+    assert metrics.main(["--summarize", *map(str, runs), "--paper", "auto:k1", "--json", str(tmp_path / "s.json")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    names = [line.split("  ")[0] for line in lines[1:8]]
+    assert names == ["bottle", "screw", "zipper", "mean", "paper mean", "mean - paper", "paper bottle"]
+    for name, paper in (("mean", metrics.PAPER["mvtec", "k1"]),                 # Table 1
+                        ("bottle", metrics.PAPER_CATEGORIES["mvtec", "k1"]["bottle"]),   # Table 6
+                        ("screw", metrics.PAPER_CATEGORIES["mvtec", "k1"]["screw"])):
+        yours = [np.mean([(run["mean"] if name == "mean" else run["categories"][name])[m] for run in inputs])
+                 for m in metrics.METRICS]
+        assert metrics_row(lines, f"paper {name}") == [f"{mean:.1f} ± {std:.1f}" for mean, std in paper.values()]
+        assert metrics_row(lines, f"{name} - paper") == [f"{100 * y - published:+.1f}"
+                                                         for y, (published, _) in zip(yours, paper.values())]
+    assert not any(line.startswith("paper zipper") for line in lines)          # not in the Table 6 excerpt
+    assert "paper: MVTec AD, k = 1 (arXiv 2406.01078v1, Table 1)" in lines[-3]
+    assert lines[-2] == "note: the paper's mean is over MVTec AD's 15 categories, yours over 3 of them."
+    comparison = json.loads((tmp_path / "s.json").read_text())["paper"]       # fractions, like the rest
+    assert comparison["rows"]["mean"]["difference"]["PRO"] == pytest.approx(
+        np.mean([run["mean"]["PRO"] for run in inputs]) - 0.919)
+
+    visa = tmp_path / "visa"
+    visa.mkdir()
+    runs = metrics_save_runs(visa, ("candle", "pcb1"))
+    assert metrics.main(["--summarize", *map(str, runs), "--paper", "visa:all"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert metrics_row(lines, "paper mean") == ["95.8", "91.9", "98.7", "58.7", "97.7"]  # Table 2: no std
+    assert "paper: VisA, full-shot (arXiv 2406.01078v1, Table 2)" in lines[-2]
+
+
+def test_cli_summarize_of_categories_of_no_known_dataset_prints_no_paper_row_and_says_so(tmp_path, capsys):
+    runs = metrics_save_runs(tmp_path, ("cookie", "bottle"))
+    assert metrics.main(["--summarize", *map(str, runs), "--paper", "auto:k2", "--json", str(tmp_path / "s.json")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines[1:4]] == ["cookie", "bottle", "mean"]
+    assert lines[4] == "mean ± sample std over 2 runs" and lines[6] == f"wrote {tmp_path / 's.json'}"
+    assert lines[5] == ("paper: no row, the categories (cookie, bottle) are neither MVTec AD's nor VisA's; give "
+                         "--paper mvtec:k2 or visa:k2 to compare anyway.")
+    assert "paper" not in json.loads((tmp_path / "s.json").read_text())
+
+
+@pytest.mark.parametrize("value", ["mvtec", "mvtec:k3", "imagenet:k1", "auto:", "MVTec:k1"])
+def test_cli_summarize_rejects_a_bad_paper_value_in_one_line_with_exit_2(tmp_path, capsys, value):
+    runs = metrics_save_runs(tmp_path, ("bottle",))
+    assert metrics.main(["--summarize", *map(str, runs), "--paper", value, "--json", str(tmp_path / "s.json")]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == (
+        f"error: --paper {value!r}: expected DATASET:SETTING with DATASET one of mvtec, visa, auto and SETTING one "
+        f"of k1, k2, k4, all, k1-image, k1-pixel, e.g. mvtec:k1.\n")
+    assert not (tmp_path / "s.json").exists()
+
+
 CUT_SIZE = 64                       # pixels; with the factor-2 VAE the 16x16 attention grid of SD at 512
 CUT_PROMPT = "a photo of a {cls} that is damaged"
 CUT_FAST = dict(steps=20, gamma=0.5, thresholds={0: 0.05, 5: 0.5}, max_iters=3, early_stop_after=3)
@@ -3123,59 +3195,117 @@ def e2e_files(folder: Path) -> dict:
     return {p: p.stat().st_mtime_ns for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+E2E_TOKEN_CACHE_LINE = re.compile(r"^token cache (.+): (\d+) computed, (\d+) reused$", re.MULTILINE)
+
+
+def e2e_token_cache_lines(stdout: str) -> list[tuple[Path, int, int]]:
+    """`vlad.py train`'s line per call: (cache folder, images whose tokens were computed, images reused)."""
+    return [(Path(folder), int(computed), int(reused)) for folder, computed, reused in
+            E2E_TOKEN_CACHE_LINE.findall(stdout)]
+
+
+def e2e_training_images(shot: Path, aux: Path) -> int:
+    """What `vlad.py train` trains on: the generated test split and train/good, and the auxiliary test split."""
+    generated = shot / "generated"
+    return (sum(len(data.read_split(generated, c, split)) for c in data.list_categories(generated)
+                for split in ("test", "train"))
+            + sum(len(data.read_split(aux, c, "test")) for c in data.list_categories(aux)))
+
+
+def e2e_summary_rows(summary: str) -> dict[str, list[float]]:
+    """The numbers of each row of a summary table that holds mean ± std cells."""
+    rows = {}
+    for line in summary.splitlines()[1:]:
+        cells = re.findall(r"(-?\d+(?:\.\d+)?) ± (\d+(?:\.\d+)?)", line)
+        if cells:
+            rows.setdefault(line.split("  ")[0], [float(v) for cell in cells for v in cell])
+    return rows
+
+
 def test_reproduce_sh_runs_the_whole_chain_and_a_second_run_does_no_work(cut_tiny_sd, vlad_tiny_clip, tmp_path):
-    dataset = vlad_make_synthetic_dataset(tmp_path / "data", categories=("texture",), n_train=2, n_good=2, n_bad=2)
+    dataset = vlad_make_synthetic_dataset(tmp_path / "data", categories=("texture",), n_train=2, n_good=1, n_bad=1)
     e2e_cookie_category(dataset)
     aux = vlad_make_synthetic_dataset(tmp_path / "aux", categories=("tile",), n_train=0, n_good=1, n_bad=2, seed=3)
     out = tmp_path / "out"
-    env = dict(os.environ, SHOTS="1", SEEDS="0 1", N_FEW="2", PYTHON=sys.executable, OMP_NUM_THREADS="1",
-               CUT_ARGS=f"--model {cut_tiny_sd} --size {CUT_SIZE} --steps 20 --gamma 0.5 --thresholds 0:0.05,5:0.5 "
-                        f"--max-iters 3 --device cpu",
-               TRAIN_ARGS=f"--model {vlad_tiny_clip} --image-size {VLAD_TINY_SIZE} --epochs 2 --batch-size 4 "
+    env = dict(os.environ, SEEDS="0", N_FEW="1", N_FULL="1", PYTHON=sys.executable, OMP_NUM_THREADS="1",
+               CUT_ARGS=f"--model {cut_tiny_sd} --size {CUT_SIZE} --steps 10 --gamma 0.5 --thresholds 0:0.05,2:0.5 "
+                        f"--max-iters 2 --device cpu",
+               TRAIN_ARGS=f"--model {vlad_tiny_clip} --image-size {VLAD_TINY_SIZE} --epochs 1 --batch-size 4 "
                           f"--device cpu --quiet",
                PREDICT_ARGS="--device cpu --quiet")
-    command = ["bash", str(HERE / "reproduce.sh"), str(dataset), str(aux), str(out)]
-    first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    both = dict(env, SHOTS="1 all")                                  # Table 1 (k = 1) and Table 2 (full-shot)
+    image = dict(env, SHOTS="1", LOSS="image", DATASET="mvtec")      # Table 4, y_img only, beside MVTec AD's row
 
-    for seed in (0, 1):
-        run = out / f"k1_seed{seed}_loss-both"
+    def reproduce(settings: dict) -> str:
+        result = subprocess.run(["bash", str(HERE / "reproduce.sh"), str(dataset), str(aux), str(out)], env=settings,
+                                capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        return result.stdout
+
+    first = reproduce(both)
+    for k in ("1", "all"):
+        shot = out / f"k{k}_seed0"                     # what every LOSS shares: the k normals and CUT's samples
+        assert sorted(p.name for p in shot.iterdir()) == \
+            ["generated", "loss-both", "normals_cookie.txt", "normals_texture.txt"]
         for category in ("cookie", "texture"):
-            normals = (run / f"normals_{category}.txt").read_text().split()
-            train_good = [s.image for s in data.read_split(dataset, category, "train")]
-            assert normals == [str(p) for p in data.select_k_shot(train_good, 1, seed)]
-            generated = run / "generated" / category                      # a complete few-shot training set
-            assert [p.name for p in data.list_images(generated / "train/good")] == [Path(normals[0]).name]
-            samples = data.read_split(run / "generated", category, "test")
-            assert [(s.defect, s.image.name) for s in samples] == \
-                [("damaged", f"{Path(normals[0]).stem}_{i}.png") for i in range(2)]
-            assert len(data.read_jsonl(generated / "meta.jsonl")) == 2 and (generated / "preview.png").is_file()
-            predictions = run / "predictions" / category
+            normals = (shot / f"normals_{category}.txt").read_text().split()
+            train_good = sorted(s.image for s in data.read_split(dataset, category, "train"))
+            assert normals == [str(p) for p in (data.select_k_shot(train_good, 1, 0) if k == "1" else train_good)]
+            generated = shot / "generated" / category                      # a complete training set
+            assert [p.name for p in data.list_images(generated / "train/good")] == [Path(n).name for n in normals]
+            assert [(s.defect, s.image.name) for s in data.read_split(shot / "generated", category, "test")] == \
+                [("damaged", f"{Path(n).stem}_0.png") for n in normals]
+            assert len(data.read_jsonl(generated / "meta.jsonl")) == len(normals)
+            predictions = shot / "loss-both" / "predictions" / category
             tests = data.read_split(dataset, category, "test")
             assert len(list(predictions.rglob("*.tiff"))) == len(tests)
             assert (predictions / "scores.csv").read_text().count("\n") == len(tests) + 1
             assert json.loads((predictions / "k_shot.json").read_text())["images"] == \
-                [Path(n).relative_to(dataset / category).as_posix() for n in normals]   # the same k normals
+                [Path(n).relative_to(dataset / category).as_posix() for n in normals]   # the same normals
         assert {"vlad.safetensors", "config.json", "train_state.safetensors"} <= \
-            {p.name for p in (run / "model").iterdir()}
-        result = json.loads((run / "metrics.json").read_text())
-        for category in ("cookie", "texture"):
-            assert all(math.isfinite(result["categories"][category][m]) for m in metrics.METRICS)
+            {p.name for p in (shot / "loss-both" / "model").iterdir()}
+        result = json.loads((shot / "loss-both" / "metrics.json").read_text())
+        assert all(math.isfinite(result["categories"][c][m]) for c in ("cookie", "texture") for m in metrics.METRICS)
+        summary = (out / f"summary_k{k}_loss-both.txt").read_text()
+        rows = e2e_summary_rows(summary)
+        assert list(rows) == ["cookie", "texture", "mean"]
+        assert all(len(values) == 10 and all(map(math.isfinite, values)) for values in rows.values()), summary
+        assert summary.splitlines()[-1].startswith("paper: no row, the categories (cookie, texture) are neither")
 
-    summary = (out / "summary_k1_loss-both.txt").read_text()
-    rows = {}
-    for line in summary.splitlines():
-        if line.split():
-            rows.setdefault(line.split()[0], line)           # the table's rows come before any note
-    for name in ("cookie", "texture", "mean"):
-        values = [float(v) for v in re.findall(r"(-?\d+(?:\.\d+)?) ± (\d+(?:\.\d+)?)", rows[name])
-                  for v in v]
-        assert len(values) == 10 and all(math.isfinite(v) for v in values), rows[name]
+    # One token cache for the dataset: the first train computes every image; full-shot reuses the auxiliary ones.
+    lines = e2e_token_cache_lines(first)
+    assert len(lines) == 2, "each `vlad.py train` prints 'token cache DIR: N computed, M reused'\n" + first
+    (folder_1, computed_1, reused_1), (folder_all, computed_all, reused_all) = lines
+    assert folder_1.resolve() == folder_all.resolve() == (out / "token_cache").resolve()
+    assert any((out / "token_cache").iterdir())
+    assert (computed_1, reused_1) == (e2e_training_images(out / "k1_seed0", aux), 0)
+    assert computed_all + reused_all == e2e_training_images(out / "kall_seed0", aux)
+    assert reused_all >= len(data.read_split(aux, "tile", "test"))
 
+    # Table 4 with another LOSS: the same samples, nothing generated, every token reused; MVTec AD's row beside.
+    shared = {**e2e_files(out / "k1_seed0" / "generated"), **e2e_files(out / "k1_seed0" / "loss-both")}
+    second = reproduce(image)
+    assert "cut.py: wrote 0 samples, skipped 2 already complete" in second
+    assert {**e2e_files(out / "k1_seed0" / "generated"), **e2e_files(out / "k1_seed0" / "loss-both")} == shared
+    lines = e2e_token_cache_lines(second)
+    assert len(lines) == 1, second
+    [(folder, computed, reused)] = lines
+    assert (folder.resolve(), computed, reused) == \
+        ((out / "token_cache").resolve(), 0, e2e_training_images(out / "k1_seed0", aux))
+    run = out / "k1_seed0" / "loss-image"
+    assert sorted(p.name for p in run.iterdir()) == ["metrics.json", "model", "predictions"]
+    assert not (out / "kall_seed0" / "loss-image").exists()
+    yours = json.loads((run / "metrics.json").read_text())["mean"]          # one seed: the summary's mean
+    lines = (out / "summary_k1_loss-image.txt").read_text().splitlines()
+    paper = metrics.PAPER["mvtec", "k1-image"]
+    assert metrics_row(lines, "paper mean") == [f"{mean:.1f} ± {std:.1f}" for mean, std in paper.values()]
+    assert metrics_row(lines, "mean - paper") == [f"{100 * yours[m] - paper[m][0]:+.1f}" for m in metrics.METRICS]
+    assert "paper: MVTec AD, k = 1 trained with y_img only (arXiv 2406.01078v1, Table 4)" in lines[-2]
+
+    # The same command again: nothing generated, trained, predicted or written, anywhere in OUT.
+    summaries = {p.name: p.read_text() for p in out.glob("summary_*.txt")}
     before = e2e_files(out)
-    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert e2e_files(out) == before                      # nothing generated, trained, predicted or written again
-    assert (out / "summary_k1_loss-both.txt").read_text() == summary
-    assert second.stdout.count("wrote 0 samples, skipped 4 already complete") == 2   # one cut.py call per run
-    assert "already trained" in second.stdout
+    third = reproduce(image)
+    assert e2e_files(out) == before
+    assert {p.name: p.read_text() for p in out.glob("summary_*.txt")} == summaries and len(summaries) == 3
+    assert "cut.py: wrote 0 samples, skipped 2 already complete" in third and "already trained" in third
