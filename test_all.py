@@ -3233,7 +3233,7 @@ def test_reproduce_sh_runs_the_whole_chain_and_a_second_run_does_no_work(cut_tin
                TRAIN_ARGS=f"--model {vlad_tiny_clip} --image-size {VLAD_TINY_SIZE} --epochs 1 --batch-size 4 "
                           f"--device cpu --quiet",
                PREDICT_ARGS="--device cpu --quiet")
-    both = dict(env, SHOTS="1 all")                                  # Table 1 (k = 1) and Table 2 (full-shot)
+    both = dict(env, SHOTS="1 all", EVICT_TOKENS="0")                # Table 1 (k = 1) and Table 2 (full-shot)
     image = dict(env, SHOTS="1", LOSS="image", DATASET="mvtec")      # Table 4, y_img only, beside MVTec AD's row
 
     def reproduce(settings: dict) -> str:
@@ -3277,10 +3277,12 @@ def test_reproduce_sh_runs_the_whole_chain_and_a_second_run_does_no_work(cut_tin
     assert len(lines) == 2, "each `vlad.py train` prints 'token cache DIR: N computed, M reused'\n" + first
     (folder_1, computed_1, reused_1), (folder_all, computed_all, reused_all) = lines
     assert folder_1.resolve() == folder_all.resolve() == (out / "token_cache").resolve()
-    assert any((out / "token_cache").iterdir())
+    n_aux = len(data.read_split(aux, "tile", "test"))
     assert (computed_1, reused_1) == (e2e_training_images(out / "k1_seed0", aux), 0)
     assert computed_all + reused_all == e2e_training_images(out / "kall_seed0", aux)
-    assert reused_all >= len(data.read_split(aux, "tile", "test"))
+    assert reused_all >= n_aux  # and the normal image k = 1 also trained on, copied byte for byte
+    entries_before = len(list((out / "token_cache").rglob("*.safetensors")))  # EVICT_TOKENS=0: all kept
+    assert entries_before == computed_1 + computed_all
 
     # Table 4 with another LOSS: the same samples, nothing generated, every token reused; MVTec AD's row beside.
     shared = {**e2e_files(out / "k1_seed0" / "generated"), **e2e_files(out / "k1_seed0" / "loss-both")}
@@ -3292,6 +3294,9 @@ def test_reproduce_sh_runs_the_whole_chain_and_a_second_run_does_no_work(cut_tin
     [(folder, computed, reused)] = lines
     assert (folder.resolve(), computed, reused) == \
         ((out / "token_cache").resolve(), 0, e2e_training_images(out / "k1_seed0", aux))
+    # EVICT_TOKENS=1 (the default): once trained, k = 1's generated entries left the cache, the auxiliary stayed
+    assert len(list((out / "token_cache").rglob("*.safetensors"))) == \
+        entries_before - (e2e_training_images(out / "k1_seed0", aux) - n_aux)
     run = out / "k1_seed0" / "loss-image"
     assert sorted(p.name for p in run.iterdir()) == ["metrics.json", "model", "predictions"]
     assert not (out / "kall_seed0" / "loss-image").exists()
