@@ -2706,17 +2706,23 @@ def test_few_shot_maps_and_scores_equal_independent_fusion_with_a_bank_of_other_
         assert scores[path] == pytest.approx(s_vl + s_vv, abs=1e-4), path
 
 
+def vlad_count_encoded_images(monkeypatch) -> list[int]:
+    """The batch sizes of every backbone forward from now on, in order (a list the test reads)."""
+    sizes = []
+    encode_images = vlad.Backbone.encode_images
+
+    def counting_encode_images(backbone, pixels):
+        sizes.append(pixels.shape[0])
+        return encode_images(backbone, pixels)
+
+    monkeypatch.setattr(vlad.Backbone, "encode_images", counting_encode_images)
+    return sizes
+
+
 def test_zero_shot_prediction_encodes_only_the_test_images_and_writes_m_vl_alone(vlad_trained_run, tmp_path,
                                                                                   monkeypatch):
     run, held_out = vlad_trained_run["run"], vlad_trained_run["held_out"]
-    encoded = []
-    encode_images = vlad.Backbone.encode_images
-
-    def counting_encode_images(self, pixels):
-        encoded.append(pixels.shape[0])
-        return encode_images(self, pixels)
-
-    monkeypatch.setattr(vlad.Backbone, "encode_images", counting_encode_images)
+    encoded = vlad_count_encoded_images(monkeypatch)
     common = ["predict", "--ckpt", str(run), "--data", str(held_out), "--quiet"]
     assert vlad.main(common + ["--k-shot", "0", "--out", str(tmp_path / "zero")]) == 0
     assert sum(encoded) == 9  # the 9 test images, no bank image
@@ -3114,14 +3120,7 @@ def test_memory_bank_is_adapted_batch_by_batch_and_equals_one_batch(vlad_trained
     common = ["predict", "--ckpt", str(run), "--data", str(held_out), "--k-shot", "all", "--quiet"]
     assert vlad.main(common + ["--out", str(tmp_path / "one_batch"), "--batch-size", "8"]) == 0
 
-    seen = []
-    encode_images = vlad.Backbone.encode_images
-
-    def recording_encode_images(backbone, pixels):
-        seen.append(pixels.shape[0])
-        return encode_images(backbone, pixels)
-
-    monkeypatch.setattr(vlad.Backbone, "encode_images", recording_encode_images)
+    seen = vlad_count_encoded_images(monkeypatch)
     assert vlad.main(common + ["--out", str(tmp_path / "batches"), "--batch-size", "2"]) == 0
     assert seen[:2] == [2, 1]  # 3 normal images: never the raw tokens of all k at once
     for tiff in sorted((tmp_path / "one_batch/texture/test").rglob("*.tiff")):
