@@ -683,9 +683,9 @@ def load_detector(run, model: str | None = None, pretrained: str | None = None, 
     backbone.stages = list(config["stages"])
     recorded, found = config["backbone"], backbone.identity()
     if recorded["rounding"] != found["rounding"]:
-        raise DataError(f"{adapters_path}: trained with a {'bf16' if recorded['rounding'] == 'bfloat16' else 'fp16 or fp32'} "
-                        f"backbone, whose weights hash cannot be compared with a --precision {precision} one; "
-                        f"predict with --precision {'bf16' if recorded['rounding'] == 'bfloat16' else 'fp16 or fp32'}.")
+        trained_precision = "bf16" if recorded["rounding"] == "bfloat16" else "fp16 or fp32"
+        raise DataError(f"{adapters_path}: trained with a {trained_precision} backbone, whose weights hash cannot be "
+                        f"compared with a --precision {precision} one; predict with --precision {trained_precision}.")
     if recorded != found:
         what = "weights" if recorded["weights_sha256"] != found["weights_sha256"] else "layers (e.g. QuickGELU vs GELU)"
         raise DataError(f"{adapters_path}: the adapters were trained on {trained}, but {model_name} with "
@@ -752,8 +752,9 @@ def train(backbone: Backbone, samples: list[data.Sample], run, epochs: int = EPO
             #                        derived files if a kill left them behind the state
             write_derived_files(run, {k: v.contiguous() for k, v in vlad.state_dict().items()},
                                 {**config, "epoch": start_epoch}, log)
-            if evict:  # a kill after the last checkpoint may have kept them
-                TokenCache(backbone, samples, cache, cache_dir, extract_batch).evict(evict)
+            if evict:  # a kill after the last checkpoint may have kept them; only their files are hashed
+                evicted = [samples[i] for i in evict]
+                TokenCache(backbone, evicted, cache, cache_dir, extract_batch).evict(range(len(evicted)))
             return vlad
 
     token_cache = TokenCache(backbone, samples, cache, cache_dir, extract_batch)
