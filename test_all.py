@@ -3081,6 +3081,31 @@ def test_predict_backbone_flags_never_fall_back_to_random_weights(tmp_path):
         backbone_weight(pretrained=weights_b)
 
 
+def test_half_precision_backbones_run_and_fp16_keeps_the_identity_of_fp32(vlad_trained_run, tmp_path, capsys):
+    # open_clip keeps some parameters (class embedding, LayerNorms) in fp32: the compute dtype is the layers'
+    model = json.loads((vlad_trained_run["run"] / "config.json").read_text())["model"]
+    pixels = torch.randn(2, 3, VLAD_TINY_SIZE, VLAD_TINY_SIZE, generator=torch.Generator().manual_seed(0))
+    full = vlad.Backbone(model, None, VLAD_TINY_SIZE)
+    tokens, embedding = full.encode_images(pixels)
+    for precision, dtype, tolerance in (("fp16", torch.float16, 2e-3), ("bf16", torch.bfloat16, 2e-2)):
+        half = vlad.Backbone(model, None, VLAD_TINY_SIZE, precision=precision)
+        half_tokens, half_embedding = half.encode_images(pixels)
+        assert half.dtype == half_tokens.dtype == half_embedding.dtype == dtype
+        assert (half_tokens.float() - tokens).abs().max() < tolerance * tokens.abs().max()
+        assert (half.identity() == full.identity()) == (precision == "fp16")  # fp16 rounds as the hash does
+    common = ["predict", "--ckpt", str(vlad_trained_run["run"]), "--data", str(vlad_trained_run["held_out"]),
+              "--k-shot", "1", "--quiet"]
+    assert vlad.main(common + ["--out", str(tmp_path / "fp32")]) == 0
+    assert vlad.main(common + ["--out", str(tmp_path / "fp16"), "--precision", "fp16"]) == 0
+    for tiff in sorted((tmp_path / "fp32/texture/test").rglob("*.tiff")):
+        np.testing.assert_allclose(data.load_tiff(tmp_path / "fp16" / tiff.relative_to(tmp_path / "fp32")),
+                                   data.load_tiff(tiff), atol=0.05)
+    capsys.readouterr()
+    assert vlad.main(common + ["--out", str(tmp_path / "bf16"), "--precision", "bf16"]) == 2
+    error = capsys.readouterr().err
+    assert "predict with --precision fp16 or fp32" in error and len(error.strip().splitlines()) == 1
+
+
 def test_predict_refuses_a_backbone_of_the_same_shape_with_other_weights_or_activation(vlad_trained_run, tmp_path,
                                                                                         capsys):
     run, held_out = vlad_trained_run["run"], vlad_trained_run["held_out"]

@@ -151,7 +151,7 @@ class Backbone:
             pretrained = str(Path(pretrained).resolve())
         self.model_name, self.pretrained, self.image_size = model_name, pretrained, image_size
         self.device, self.precision = torch.device(device), precision
-        self.dtype = next(model.parameters()).dtype
+        self.dtype = visual.conv1.weight.dtype  # the compute dtype: open_clip keeps some parameters in fp32
         self.depth = len(visual.transformer.resblocks)
         self.width = visual.transformer.width
         self.embed_dim = visual.output_dim
