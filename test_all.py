@@ -414,6 +414,71 @@ def test_k_shot_cli_prints_the_same_images_as_select_k_shot(tmp_path):
     assert result.returncode == 2 and "k-shot 9" in result.stderr
 
 
+def test_categories_cli_prints_one_name_a_line_with_spaces_kept(tmp_path):
+    for category in ("metal nut", "bottle"):
+        data.save_image(np.zeros((8, 8, 3), np.uint8), tmp_path / category / "train/good/000.png")
+    result = run_cli("data.py", "categories", tmp_path)
+    assert result.returncode == 0 and result.stdout.splitlines() == ["bottle", "metal nut"]
+    result = run_cli("data.py", "categories", tmp_path / "bottle")
+    assert result.returncode == 2 and "no category folders" in result.stderr
+
+
+def data_write_generated(out: Path, category: str, sources: list[Path], seeds) -> None:
+    """cut.py's output for `sources` (one distinct image per sample), its meta lines in a shuffled order."""
+    records = []
+    for source in sources:
+        data.save_image(data.load_image(source), out / category / "train/good" / f"{source.stem}.png")
+        for seed in seeds:
+            name = f"{source.stem}_{seed}"
+            data.save_image(np.full((8, 8, 3), seed, np.uint8), out / category / "test/damaged" / f"{name}.png")
+            data.save_mask(np.eye(8), data.mask_path(out, category, "damaged", name))
+            records.append({"image": f"test/damaged/{name}.png", "mask": f"ground_truth/damaged/{name}_mask.png",
+                            "source": str(source), "seed": seed})
+    for record in reversed(records):
+        data.append_jsonl(record, out / category / "meta.jsonl")
+
+
+def test_link_samples_links_the_n_lowest_seeds_of_the_given_images_only_and_refuses_too_few(tmp_path):
+    data_write_mvtec_tree(tmp_path / "data")
+    normals = sorted(s.image for s in data.read_split(tmp_path / "data", "bottle", "train"))
+    pool = tmp_path / "pool"
+    data_write_generated(pool, "bottle", normals, seeds=(0, 1, 2))
+    target = tmp_path / "k1" / "generated"
+    assert data.link_samples(pool, target, [normals[1]], 2) == 2
+    assert run_cli("data.py", "link-samples", pool, target, "--n", "2", "--image", normals[1]).returncode == 0
+    files = sorted(p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file())
+    stem = normals[1].stem
+    assert files == ["bottle/ground_truth/damaged/" + f"{stem}_{i}_mask.png" for i in (0, 1)] + \
+        ["bottle/meta.jsonl"] + [f"bottle/test/damaged/{stem}_{i}.png" for i in (0, 1)] + [f"bottle/train/good/{stem}.png"]
+    for link in (p for p in target.rglob("*") if p.is_symlink()):   # relative: OUT can be moved whole
+        assert not os.path.isabs(os.readlink(link))
+        assert link.resolve() == (pool / link.relative_to(target)).resolve()
+    assert [(s.defect, s.image.name, s.label) for s in data.read_split(target, "bottle", "test")] == \
+        [("damaged", f"{stem}_{i}.png", 1) for i in (0, 1)]
+    assert [r["seed"] for r in data.read_jsonl(target / "bottle/meta.jsonl")] == [0, 1]
+    result = run_cli("data.py", "link-samples", pool, tmp_path / "k4", "--n", "4", "--image", normals[0])
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        f"error: {pool}: holds 3 samples of {normals[0]}, not the 4 asked for; generate them first (cut.py --n 4)."]
+    assert not (tmp_path / "k4").exists()
+
+
+def test_settings_refuse_a_changed_value_naming_both_values_and_write_nothing(tmp_path):
+    first, second = tmp_path / "seed0", tmp_path / "k1_seed0"
+    assert run_cli("data.py", "settings", "--stage", first, "N_FEW=100", "PROMPT=a {cls}").returncode == 0
+    assert json.loads((first / "settings.json").read_text()) == {"N_FEW": "100", "PROMPT": "a {cls}"}
+    result = run_cli("data.py", "settings", "--stage", second, "N_FEW=50", "--stage", first, "N_FEW=50",
+                     "PROMPT=a {cls}")
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        f"error: N_FEW='50' differs from N_FEW='100' in {first / 'settings.json'}, with which {first} was made; "
+        f"set N_FEW back to continue it, or choose another output folder."]
+    assert not second.exists()                                  # the other folder's record is not written either
+    assert run_cli("data.py", "settings", "--stage", first, "N_FEW=100", "CUT_ARGS=").returncode == 2  # not recorded
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "generated").mkdir()                   # results of a version that recorded nothing
+    result = run_cli("data.py", "settings", "--stage", tmp_path / "old", "N_FEW=100")
+    assert result.returncode == 2 and "holds results but no settings.json" in result.stderr
+
+
 # =========================================================================================================
 # metrics.py: every metric against an independent reference (sklearn; an AU-PRO written here with
 # scipy.ndimage.label and a loop over thresholds, following the MVTec AD protocol), hand-computed cases, and
