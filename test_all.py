@@ -2967,7 +2967,7 @@ def test_evicting_a_runs_generated_tokens_keeps_the_auxiliary_ones_for_the_next_
     gen = vlad_make_synthetic_dataset(tmp_path / "gen", n_train=1, n_good=0, n_bad=2, soft=True)
     aux = vlad_make_synthetic_dataset(tmp_path / "aux", categories=("tile",), n_train=2, n_good=1, n_bad=1, seed=4)
     argv = vlad_train_args(vlad_tiny_clip, gen, tmp_path / "first", "--epochs", "1", "--aux", aux,
-                           "--evict-data-tokens")
+                           "--evict-tokens", gen)
     assert vlad.main(argv) == 0
     assert vlad_cache_line(capsys) == (5, 0)
     remaining = sorted(p.name for p in (tmp_path / "tokens").rglob("*.safetensors"))
