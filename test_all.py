@@ -14,6 +14,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import csv
+import dataclasses
 import gzip
 import io
 import json
@@ -2991,6 +2992,95 @@ def test_token_cache_defaults_to_the_user_cache_folder_outside_the_run(vlad_tiny
     assert (tmp_path / "run/log.jsonl").read_text() == ""  # --epochs 0: the log it names exists, and is empty
     monkeypatch.delenv("XDG_CACHE_HOME")
     assert vlad.default_cache_dir() == Path.home() / ".cache/vlad/tokens"
+
+
+@pytest.fixture(scope="session")
+def vlad_tiny_backbone(vlad_tiny_clip) -> "vlad.Backbone":
+    return vlad.Backbone(vlad_tiny_clip, None, VLAD_TINY_SIZE)
+
+
+def vlad_fill(backbone, samples: list, folder: Path) -> tuple[int, int]:
+    """(computed, reused) of filling a disk token cache with these samples."""
+    cache = vlad.TokenCache(backbone, samples, "disk", folder)
+    cache.fill(progress=False)
+    return cache.computed, cache.reused
+
+
+@pytest.mark.parametrize("component", ["image bytes", "mask bytes", "label", "backbone weights", "stage list",
+                                       "input size", "precision"])
+def test_token_cache_misses_when_one_component_of_its_key_changes_alone(component, vlad_tiny_clip, vlad_tiny_backbone,
+                                                                        tmp_path):
+    gen = vlad_make_synthetic_dataset(tmp_path / "gen", n_train=1, n_good=0, n_bad=2, soft=True)
+    samples = vlad.training_samples([gen], [])                 # one normal image, two anomalous with soft masks
+    folder = tmp_path / "tokens"
+    assert vlad_fill(vlad_tiny_backbone, samples, folder) == (3, 0)
+    assert vlad_fill(vlad.Backbone(vlad_tiny_clip, None, VLAD_TINY_SIZE), samples, folder) == (0, 3)  # the same: hits
+    normal = next(i for i, sample in enumerate(samples) if sample.label == 0)
+    anomalous = next(sample for sample in samples if sample.label == 1)
+    backbone, misses = vlad_tiny_backbone, 1
+    if component == "image bytes":                            # one pixel; same path, size and mask
+        pixels = np.asarray(data.load_image(anomalous.image)).copy()
+        pixels[0, 0] = 255 - pixels[0, 0]
+        data.save_image(pixels, anomalous.image)
+    elif component == "mask bytes":                           # one pixel; same image
+        mask = data.load_mask(anomalous.mask, binarize=False)
+        mask[0, 0] = 1 - mask[0, 0]
+        data.save_mask(mask, anomalous.mask)
+    elif component == "label":                                # the normal image's bytes, no mask, labelled 1
+        samples = [dataclasses.replace(s, label=1) if i == normal else s for i, s in enumerate(samples)]
+    else:
+        backbone, misses = {
+            "backbone weights": lambda: vlad.Backbone(build_tiny_clip(tmp_path / "clip", seed=1), None, VLAD_TINY_SIZE),
+            "stage list": lambda: vlad.Backbone(vlad_tiny_clip, None, VLAD_TINY_SIZE, stages=[2, 4]),
+            "input size": lambda: vlad.Backbone(vlad_tiny_clip, None, VLAD_TINY_SIZE - 16),
+            "precision": lambda: vlad.Backbone(vlad_tiny_clip, None, VLAD_TINY_SIZE, precision="fp16"),
+        }[component](), 3
+        if component == "input size":  # the positional embedding is interpolated to the size, so the weights hash
+            backbone._identity = vlad_tiny_backbone.identity()  # differs too: held equal, the size alone must miss
+        same = {"weights": backbone.identity() == vlad_tiny_backbone.identity(),   # fp16 hashes as fp32 does
+                "stages": backbone.stages == vlad_tiny_backbone.stages,
+                "size": backbone.image_size == vlad_tiny_backbone.image_size,
+                "precision": backbone.precision == vlad_tiny_backbone.precision}
+        assert [name for name, equal in same.items() if not equal] == \
+            [{"backbone weights": "weights", "stage list": "stages", "input size": "size"}.get(component, component)]
+    assert vlad_fill(backbone, samples, folder) == (misses, 3 - misses)
+    assert len(list(folder.rglob("*.safetensors"))) == 3 + misses   # the old entries stay for their own key
+
+
+def test_each_epoch_sees_another_order_of_the_samples_and_a_resumed_run_the_same_orders(vlad_tiny_clip, tmp_path,
+                                                                                        monkeypatch):
+    gen = vlad_make_synthetic_dataset(tmp_path / "gen", n_train=2, n_good=0, n_bad=4, soft=True)  # 6 images
+    images = sorted(str(s.image) for s in vlad.training_samples([gen], []))
+    batches, get = [], vlad.TokenCache.get
+
+    def recording_get(self, indices):                         # what each training step is fed, in order
+        batches.append([str(self.samples[i].image) for i in indices])
+        return get(self, indices)
+
+    def orders() -> list[list[str]]:                          # batch size 4: two steps per epoch
+        return [batches[step] + batches[step + 1] for step in range(0, len(batches), 2)]
+
+    monkeypatch.setattr(vlad.TokenCache, "get", recording_get)
+    assert vlad.main(vlad_train_args(vlad_tiny_clip, gen, tmp_path / "straight", "--epochs", "3")) == 0
+    straight = orders()
+    assert len(straight) == 3 and all(sorted(order) == images for order in straight)  # each image once an epoch
+    assert len({tuple(order) for order in straight}) == 3                             # in another order each epoch
+
+    write_derived_files = vlad.write_derived_files
+
+    def killed_after_epoch_1(run, adapters, config, log):
+        write_derived_files(run, adapters, config, log)
+        if config["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    batches.clear()
+    monkeypatch.setattr(vlad, "write_derived_files", killed_after_epoch_1)
+    with pytest.raises(KeyboardInterrupt):
+        vlad.main(vlad_train_args(vlad_tiny_clip, gen, tmp_path / "resumed", "--epochs", "3"))
+    monkeypatch.setattr(vlad, "write_derived_files", write_derived_files)
+    assert len(batches) == 2
+    assert vlad.main(vlad_train_args(vlad_tiny_clip, gen, tmp_path / "resumed", "--epochs", "3", "--resume")) == 0
+    assert orders() == straight                               # epochs 2 and 3 as if never interrupted
 
 
 def test_fp16_memory_bank_searches_in_float32_and_matches_the_float32_bank(vlad_trained_run, tmp_path):
