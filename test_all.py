@@ -3383,113 +3383,138 @@ def e2e_token_cache_lines(stdout: str) -> list[tuple[Path, int, int]]:
             E2E_TOKEN_CACHE_LINE.findall(stdout)]
 
 
-def e2e_training_images(shot: Path, aux: Path) -> int:
-    """What `vlad.py train` trains on: the generated test split and train/good, and the auxiliary test split."""
-    generated = shot / "generated"
-    return (sum(len(data.read_split(generated, c, split)) for c in data.list_categories(generated)
-                for split in ("test", "train"))
-            + sum(len(data.read_split(aux, c, "test")) for c in data.list_categories(aux)))
+def e2e_test_images(root: Path, splits=("test",)) -> int:
+    return sum(len(data.read_split(root, c, split)) for c in data.list_categories(root) for split in splits)
 
 
 def e2e_summary_rows(summary: str) -> dict[str, list[float]]:
     """The numbers of each row of a summary table that holds mean ± std cells."""
     rows = {}
-    for line in summary.splitlines()[1:]:
+    for line in summary.splitlines():
         cells = re.findall(r"(-?\d+(?:\.\d+)?) ± (\d+(?:\.\d+)?)", line)
         if cells:
             rows.setdefault(line.split("  ")[0], [float(v) for cell in cells for v in cell])
     return rows
 
 
-def test_reproduce_sh_runs_the_whole_chain_and_a_second_run_does_no_work(cut_tiny_sd, vlad_tiny_clip, tmp_path):
-    dataset = vlad_make_synthetic_dataset(tmp_path / "data", categories=("texture",), n_train=2, n_good=1, n_bad=1)
+def test_reproduce_sh_shares_generation_across_k_refuses_changed_settings_and_summarizes_the_seeds_asked_for(
+        cut_tiny_sd, vlad_tiny_clip, tmp_path):
+    dataset = vlad_make_synthetic_dataset(tmp_path / "data", categories=("rough texture",), n_train=2, n_good=1,
+                                          n_bad=1)                           # a category name with a space
     e2e_cookie_category(dataset)
+    categories = ["cookie", "rough texture"]
     aux = vlad_make_synthetic_dataset(tmp_path / "aux", categories=("tile",), n_train=0, n_good=1, n_bad=2, seed=3)
+    n_aux = e2e_test_images(aux)
     out = tmp_path / "out"
+    cache = out / "token_cache"
     env = dict(os.environ, SEEDS="0", N_FEW="1", N_FULL="1", PYTHON=sys.executable, OMP_NUM_THREADS="1",
                CUT_ARGS=f"--model {cut_tiny_sd} --size {CUT_SIZE} --steps 10 --gamma 0.5 --thresholds 0:0.05,2:0.5 "
                         f"--max-iters 2 --device cpu",
                TRAIN_ARGS=f"--model {vlad_tiny_clip} --image-size {VLAD_TINY_SIZE} --epochs 1 --batch-size 4 "
                           f"--device cpu --quiet",
                PREDICT_ARGS="--device cpu --quiet")
-    both = dict(env, SHOTS="1 all", EVICT_TOKENS="0")                # Table 1 (k = 1) and Table 2 (full-shot)
-    image = dict(env, SHOTS="1", LOSS="image", DATASET="mvtec")      # Table 4, y_img only, beside MVTec AD's row
+    both = dict(env, SHOTS="1 2 all")                                   # Table 1 (k = 1, 2) and Table 2
+    image = dict(env, SHOTS="1", LOSS="image", DATASET="mvtec", EVICT_TOKENS="0")  # Table 4, y_img only
 
-    def reproduce(settings: dict) -> str:
+    def reproduce(settings: dict, status: int = 0) -> subprocess.CompletedProcess:
         result = subprocess.run(["bash", str(HERE / "reproduce.sh"), str(dataset), str(aux), str(out)], env=settings,
                                 capture_output=True, text=True, timeout=900)
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        return result.stdout
+        assert result.returncode == status, result.stdout[-3000:] + result.stderr[-3000:]
+        return result
 
-    first = reproduce(both)
-    for k in ("1", "all"):
-        shot = out / f"k{k}_seed0"                     # what every LOSS shares: the k normals and CUT's samples
+    first = reproduce(both).stdout
+    # One generation for the seed: N_FEW x 2 samples per category (the k = 1 image is one of k = 2's), not x 3;
+    # then full-shot's own.
+    assert [int(n) for n in re.findall(r"cut\.py: wrote (\d+) samples?", first)] == [2 * 2, 2 * 2], first
+    pool = out / "seed0" / "generated"
+    for category in categories:
+        assert len(data.read_split(pool, category, "test")) == 2 and len(data.read_jsonl(pool / category / "meta.jsonl")) == 2
+    train_good = {c: sorted(s.image for s in data.read_split(dataset, c, "train")) for c in categories}
+    for k in ("1", "2", "all"):
+        shot = out / f"k{k}_seed0"                  # what every LOSS shares: the k normals and their samples
         assert sorted(p.name for p in shot.iterdir()) == \
-            ["generated", "loss-both", "normals_cookie.txt", "normals_texture.txt"]
-        for category in ("cookie", "texture"):
-            normals = (shot / f"normals_{category}.txt").read_text().split()
-            train_good = sorted(s.image for s in data.read_split(dataset, category, "train"))
-            assert normals == [str(p) for p in (data.select_k_shot(train_good, 1, 0) if k == "1" else train_good)]
-            generated = shot / "generated" / category                      # a complete training set
+            ["generated", "loss-both", "normals_cookie.txt", "normals_rough texture.txt", "settings.json"]
+        for category in categories:
+            normals = (shot / f"normals_{category}.txt").read_text().splitlines()
+            assert normals == [str(p) for p in (train_good[category] if k == "all"
+                                                 else data.select_k_shot(train_good[category], int(k), 0))]
+            generated = shot / "generated" / category   # a complete training set of exactly the k images' samples
             assert [p.name for p in data.list_images(generated / "train/good")] == [Path(n).name for n in normals]
-            assert [(s.defect, s.image.name) for s in data.read_split(shot / "generated", category, "test")] == \
-                [("damaged", f"{Path(n).stem}_0.png") for n in normals]
-            assert len(data.read_jsonl(generated / "meta.jsonl")) == len(normals)
+            samples = data.read_split(shot / "generated", category, "test")
+            assert [(s.defect, s.image.name) for s in samples] == [("damaged", f"{Path(n).stem}_0.png") for n in normals]
+            assert [Path(r["source"]).name for r in data.read_jsonl(generated / "meta.jsonl")] == \
+                [Path(n).name for n in normals]
+            files = [p for p in generated.rglob("*") if p.is_file()]
+            if k == "all":                          # generated into the run's own folder, byte for byte as the seed's
+                assert not any(p.is_symlink() for p in files)
+                for sample in samples:
+                    assert sample.image.read_bytes() == (pool / category / "test/damaged" / sample.image.name).read_bytes()
+            else:                                   # links into the seed's samples, nothing else
+                assert all(p.is_symlink() and pool in p.resolve().parents for p in files if p.name != "meta.jsonl")
             predictions = shot / "loss-both" / "predictions" / category
             tests = data.read_split(dataset, category, "test")
             assert len(list(predictions.rglob("*.tiff"))) == len(tests)
             assert (predictions / "scores.csv").read_text().count("\n") == len(tests) + 1
             assert json.loads((predictions / "k_shot.json").read_text())["images"] == \
                 [Path(n).relative_to(dataset / category).as_posix() for n in normals]   # the same normals
-        assert {"vlad.safetensors", "config.json", "train_state.safetensors"} <= \
-            {p.name for p in (shot / "loss-both" / "model").iterdir()}
+        n_normals = 2 if k == "all" else int(k)     # per category; N_FEW = N_FULL = 1 sample each
+        config = json.loads((shot / "loss-both" / "model" / "config.json").read_text())
+        assert config["n_samples"] == len(categories) * n_normals * 2 + n_aux   # trained on its own k images only
         result = json.loads((shot / "loss-both" / "metrics.json").read_text())
-        assert all(math.isfinite(result["categories"][c][m]) for c in ("cookie", "texture") for m in metrics.METRICS)
-        summary = (out / f"summary_k{k}_loss-both.txt").read_text()
+        assert all(math.isfinite(result["categories"][c][m]) for c in categories for m in metrics.METRICS)
+        summary = (out / f"summary_k{k}_loss-both_seeds-0.txt").read_text()
+        assert summary.splitlines()[0].startswith(f"k={k}, loss both, seeds 0: ")
         rows = e2e_summary_rows(summary)
-        assert list(rows) == ["cookie", "texture", "mean"]
+        assert list(rows) == ["cookie", "rough texture", "mean"]
         assert all(len(values) == 10 and all(map(math.isfinite, values)) for values in rows.values()), summary
-        assert summary.splitlines()[-1].startswith("paper: no row, the categories (cookie, texture) are neither")
+        assert summary.splitlines()[-1].startswith("paper: no row, the categories (cookie, rough texture) are neither")
 
-    # One token cache for the dataset: the first train computes every image; full-shot reuses the auxiliary ones.
+    # One token cache: k = 2 reuses what k = 1 cached (its image, its sample and the auxiliary ones), so nothing
+    # was evicted before the seed's last k; after it the seed's samples left, and full-shot computed its own.
     lines = e2e_token_cache_lines(first)
-    assert len(lines) == 2, "each `vlad.py train` prints 'token cache DIR: N computed, M reused'\n" + first
-    (folder_1, computed_1, reused_1), (folder_all, computed_all, reused_all) = lines
-    assert folder_1.resolve() == folder_all.resolve() == (out / "token_cache").resolve()
-    n_aux = len(data.read_split(aux, "tile", "test"))
-    assert (computed_1, reused_1) == (e2e_training_images(out / "k1_seed0", aux), 0)
-    assert computed_all + reused_all == e2e_training_images(out / "kall_seed0", aux)
-    assert reused_all >= n_aux  # and the normal image k = 1 also trained on, copied byte for byte
-    entries_before = len(list((out / "token_cache").rglob("*.safetensors")))  # EVICT_TOKENS=0: all kept
-    assert entries_before == computed_1 + computed_all
+    assert [folder.resolve() for folder, _, _ in lines] == [cache.resolve()] * 3, first
+    assert [(computed, reused) for _, computed, reused in lines] == [(4 + n_aux, 0), (4, 4 + n_aux), (8, n_aux)]
+    assert len(list(cache.rglob("*.safetensors"))) == n_aux   # EVICT_TOKENS=1: the auxiliary entries stay
 
-    # Table 4 with another LOSS: the same samples, nothing generated, every token reused; MVTec AD's row beside.
-    shared = {**e2e_files(out / "k1_seed0" / "generated"), **e2e_files(out / "k1_seed0" / "loss-both")}
-    second = reproduce(image)
+    # A changed N_FEW on this OUT: one sentence naming the setting and both values, before any work.
+    before = e2e_files(out)
+    refused = reproduce(dict(env, SHOTS="1", N_FEW="2"), status=2)
+    assert refused.stderr.strip().splitlines() == [
+        f"error: N_FEW='2' differs from N_FEW='1' in {out / 'k1_seed0' / 'settings.json'}, with which "
+        f"{out / 'k1_seed0'} was made; set N_FEW back to continue it, or choose another output folder."]
+    assert e2e_files(out) == before
+
+    # Table 4 with another LOSS: the same samples, nothing generated; MVTec AD's row beside it.
+    shared = {**e2e_files(out / "seed0"), **e2e_files(out / "k1_seed0" / "generated"),
+              **e2e_files(out / "k1_seed0" / "loss-both")}
+    second = reproduce(image).stdout
     assert "cut.py: wrote 0 samples, skipped 2 already complete" in second
-    assert {**e2e_files(out / "k1_seed0" / "generated"), **e2e_files(out / "k1_seed0" / "loss-both")} == shared
-    lines = e2e_token_cache_lines(second)
-    assert len(lines) == 1, second
-    [(folder, computed, reused)] = lines
-    assert (folder.resolve(), computed, reused) == \
-        ((out / "token_cache").resolve(), 0, e2e_training_images(out / "k1_seed0", aux))
-    # EVICT_TOKENS=1 (the default): once trained, k = 1's generated entries left the cache, the auxiliary stayed
-    assert len(list((out / "token_cache").rglob("*.safetensors"))) == \
-        entries_before - (e2e_training_images(out / "k1_seed0", aux) - n_aux)
+    assert {**e2e_files(out / "seed0"), **e2e_files(out / "k1_seed0" / "generated"),
+            **e2e_files(out / "k1_seed0" / "loss-both")} == shared
+    assert [(computed, reused) for _, computed, reused in e2e_token_cache_lines(second)] == [(4, n_aux)]
+    assert len(list(cache.rglob("*.safetensors"))) == 4 + n_aux   # EVICT_TOKENS=0: kept
     run = out / "k1_seed0" / "loss-image"
-    assert sorted(p.name for p in run.iterdir()) == ["metrics.json", "model", "predictions"]
-    assert not (out / "kall_seed0" / "loss-image").exists()
+    assert sorted(p.name for p in run.iterdir()) == ["metrics.json", "model", "predictions", "settings.json"]
+    assert not (out / "kall_seed0" / "loss-image").exists() and not (out / "k2_seed0" / "loss-image").exists()
     yours = json.loads((run / "metrics.json").read_text())["mean"]          # one seed: the summary's mean
-    lines = (out / "summary_k1_loss-image.txt").read_text().splitlines()
+    lines = (out / "summary_k1_loss-image_seeds-0.txt").read_text().splitlines()
     paper = metrics.PAPER["mvtec", "k1-image"]
     assert metrics_row(lines, "paper mean") == [f"{mean:.1f} ± {std:.1f}" for mean, std in paper.values()]
     assert metrics_row(lines, "mean - paper") == [f"{100 * yours[m] - paper[m][0]:+.1f}" for m in metrics.METRICS]
     assert "paper: MVTec AD, k = 1 trained with y_img only (arXiv 2406.01078v1, Table 4)" in lines[-2]
 
-    # The same command again: nothing generated, trained, predicted or written, anywhere in OUT.
+    # A run of seed 7 left in OUT by an earlier call, with other numbers; then the same command again: nothing
+    # generated, trained, predicted or written anywhere in OUT, and the summary still averages seed 0 alone.
+    shutil.copytree(out / "k1_seed0", out / "k1_seed7", symlinks=True)
+    other = json.loads((out / "k1_seed7/loss-image/metrics.json").read_text())
+    other["mean"] = {m: value / 2 for m, value in other["mean"].items()}
+    other["categories"] = {c: {m: v / 2 for m, v in values.items()} for c, values in other["categories"].items()}
+    (out / "k1_seed7/loss-image/metrics.json").write_text(json.dumps(other))
     summaries = {p.name: p.read_text() for p in out.glob("summary_*.txt")}
+    assert len(summaries) == 4
     before = e2e_files(out)
-    third = reproduce(image)
+    third = reproduce(image).stdout
     assert e2e_files(out) == before
-    assert {p.name: p.read_text() for p in out.glob("summary_*.txt")} == summaries and len(summaries) == 3
+    assert {p.name: p.read_text() for p in out.glob("summary_*.txt")} == summaries
     assert "cut.py: wrote 0 samples, skipped 2 already complete" in third and "already trained" in third
+    assert "mean ± sample std over 1 run" in summaries["summary_k1_loss-image_seeds-0.txt"]
