@@ -22,9 +22,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import errno
+import fcntl
 import json
 import os
 import random
+import re
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -143,26 +147,111 @@ def current_umask() -> int:
     return _UMASK_AT_IMPORT if umask is None else umask
 
 
+TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp(\.[^.]*)?$")  # .NAME.XXXXXXXX.tmp.SUFFIX: atomic_path's
+_SWEPT: set[str] = set()  # folders whose dead temporaries this process has removed (once per folder)
+
+
+def is_temporary(path) -> bool:
+    """True for the temporary file of an atomic write (finished or dead), which is never part of a dataset."""
+    return bool(TEMPORARY.match(Path(path).name))
+
+
+def disk_full_error(folder, error: BaseException, needed: int | None = None) -> DataError | None:
+    """The one sentence for a full disk (or quota), or None when `error` is something else. safetensors and
+    others wrap the OS error in their own type, so the message is checked too."""
+    if not (isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)) \
+            and "No space left on device" not in str(error):
+        return None
+    try:
+        free = f", {shutil.disk_usage(folder).free:,} bytes free"
+    except OSError:
+        free = ""
+    need = f"{needed:,} bytes needed" if needed is not None else "more space needed"
+    return DataError(f"{folder}: the disk is full ({need}{free}); free some space and run the same command "
+                     f"again: finished files are kept and nothing half-written was left.")
+
+
+def _make_folder(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise disk_full_error(folder, error) or error
+
+
+def remove_dead_temporaries(folder, recursive: bool = False) -> int:
+    """Remove the temporaries that dead writers (a kill -9, a crash, a power cut) left in `folder`; returns how
+    many. A live writer holds an exclusive flock on its temporary until the rename, and the kernel drops it when
+    the writer dies: a temporary this process can lock belongs to nobody. A folder that cannot be written is
+    left as it is."""
+    folder = Path(folder)
+    walk = os.walk(folder) if recursive else [(folder, [], os.listdir(folder) if folder.is_dir() else [])]
+    removed = 0
+    for parent, _, names in walk:
+        for name in names:
+            path = Path(parent) / name
+            if not TEMPORARY.match(name):
+                continue
+            try:
+                handle = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            except OSError:
+                continue  # gone meanwhile (renamed by its writer), a link, or unreadable
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if os.fstat(handle).st_ino == os.stat(path).st_ino:
+                    os.unlink(path)
+                    removed += 1
+            except OSError:  # locked by a live writer, renamed meanwhile, or a read-only folder
+                pass
+            finally:
+                os.close(handle)
+    return removed
+
+
+def _locked_temporary(path: Path) -> tuple[int, Path]:
+    """A new temporary beside `path`, flock-ed by this process. A sweeper that removed it between its creation
+    and the lock (it looked dead for those microseconds) is noticed by the inode check, and we start again."""
+    while True:
+        handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + path.suffix)
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            if os.stat(name).st_ino == os.fstat(handle).st_ino:
+                return handle, Path(name)
+        except FileNotFoundError:
+            pass
+        os.close(handle)
+
+
 @contextlib.contextmanager
-def atomic_path(path):
+def atomic_path(path, size: int | None = None):
     """Yield a temporary path beside `path`; on success it replaces `path`, on any error it is removed.
 
+    The writer holds a lock on the temporary until the rename, so a later run can tell a dead writer's leftover
+    from a live one's file: the first write into a folder removes the dead ones (`remove_dead_temporaries`).
+    A full disk is a DataError naming the folder (`size`, when the caller knows it, is the bytes needed).
     The file gets the mode a plain open() would give a new file, 0666 & ~umask (mkstemp creates it 0600,
-    which would keep colleagues on a shared machine from reading a generated dataset)."""
+    which would keep colleagues on a shared machine from reading a generated dataset). Write into the yielded
+    path in place (open it, or save to it): a writer that renames its own file onto it would drop the lock."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + path.suffix)
-    os.close(handle)
-    temporary = Path(temporary)
+    _make_folder(path.parent)
+    if str(path.parent) not in _SWEPT:
+        remove_dead_temporaries(path.parent)
+        _SWEPT.add(str(path.parent))
+    try:
+        handle, temporary = _locked_temporary(path)
+    except OSError as error:
+        raise disk_full_error(path.parent, error, size) or error
     try:
         yield temporary
-        # After the writer, not before: some replace the file rather than write into it (safetensors writes
-        # its own 0600 temporary file and renames it onto ours).
         os.chmod(temporary, 0o666 & ~current_umask())
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         temporary.unlink(missing_ok=True)
+        full = disk_full_error(path.parent, error, size)
+        if full is not None:
+            raise full from None
         raise
+    finally:
+        os.close(handle)
 
 
 def check_output_folder(path, flag: str = "--out") -> None:
@@ -233,6 +322,13 @@ def save_text(text: str, path) -> None:
         temporary.write_text(text, encoding="utf-8")
 
 
+def save_bytes(blob: bytes, path) -> None:
+    """Write bytes atomically (e.g. `safetensors.torch.save(tensors, metadata)`: written here, in place, so the
+    writer's lock holds until the rename and a full disk names the bytes needed)."""
+    with atomic_path(path, size=len(blob)) as temporary:
+        temporary.write_bytes(blob)
+
+
 def save_json(obj, path) -> None:
     save_text(json.dumps(obj, indent=2) + "\n", path)
 
@@ -249,8 +345,11 @@ def append_jsonl(obj, path) -> None:
         size = os.fstat(handle).st_size
         if size and os.pread(handle, 1, size - 1) != b"\n":
             line = b"\n" + line  # a torn last line (a kill mid-write) ends here, instead of eating this record
-        os.write(handle, line)
+        if os.write(handle, line) != len(line):  # only a full disk writes part of a small line
+            raise OSError(errno.ENOSPC, "No space left on device")
         os.fsync(handle)
+    except OSError as error:  # the torn line a full disk may leave is ignored by read_jsonl, like a kill's
+        raise disk_full_error(path.parent, error, len(line)) or error
     finally:
         os.close(handle)
 

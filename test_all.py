@@ -14,6 +14,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import csv
+import errno
 import gzip
 import io
 import json
@@ -214,6 +215,90 @@ def test_reader_skips_the_temporary_file_of_a_killed_write(tmp_path):
     assert temporary.name.startswith(".001.png.") and temporary.suffix == ".png"
     assert [(s.defect, s.image.name) for s in data.read_split(tmp_path, "bottle", "test")][2:] == [
         ("broken", "000.png"), ("broken", "001.png"), ("crack", "000.png")]
+
+
+WRITER = """
+import os, sys, time
+sys.path.insert(0, {here!r})
+import data
+with data.atomic_path({target!r}) as temporary:
+    temporary.write_bytes(b"half a file")
+    print(temporary, flush=True)
+    {then}
+"""
+
+
+def start_writer(target, then):
+    """A process midway through an atomic write of `target`; its first output line is the temporary's path."""
+    code = WRITER.format(here=str(HERE), target=str(target), then=then)
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stdin=subprocess.PIPE,
+                               text=True)
+    return process, Path(process.stdout.readline().strip())
+
+
+def test_a_dead_writers_temporary_is_removed_by_the_next_write_and_a_live_writers_is_not(tmp_path):
+    live, live_temporary = start_writer(tmp_path / "b.png", "sys.stdin.readline()")  # waits mid-write
+    dead, dead_temporary = start_writer(tmp_path / "a.png", "os.kill(os.getpid(), 9)")
+    dead.wait(timeout=60)
+    assert dead.returncode == -9 and dead_temporary.is_file() and live_temporary.is_file()
+    assert data.is_temporary(dead_temporary) and data.is_temporary(live_temporary)
+    data.save_text("x", tmp_path / "c.txt")  # the first write into the folder sweeps it
+    assert not dead_temporary.exists()
+    assert live_temporary.is_file()  # its writer holds the lock: a concurrent run's file is never touched
+    live.communicate("go\n", timeout=60)
+    assert live.returncode == 0 and (tmp_path / "b.png").read_bytes() == b"half a file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.png", "c.txt"]
+    # the sweep of a whole tree, as a CLI does at start over its output folder
+    deeper = tmp_path / "x" / "y"
+    dead, dead_temporary = start_writer(deeper / "d.tiff", "os.kill(os.getpid(), 9)")
+    dead.wait(timeout=60)
+    assert data.remove_dead_temporaries(tmp_path, recursive=True) == 1 and not dead_temporary.exists()
+
+
+def test_a_full_disk_is_one_sentence_naming_the_folder_and_leaves_nothing(tmp_path, monkeypatch):
+    data.save_bytes(b"old", tmp_path / "entry.bin")
+    real_write = Path.write_bytes
+
+    def write_half_then_fail(self, blob):
+        real_write(self, blob[:len(blob) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", write_half_then_fail)
+    with pytest.raises(data.DataError) as error:
+        data.save_bytes(b"x" * 5000, tmp_path / "entry.bin")
+    message = str(error.value)
+    assert message.startswith(f"{tmp_path}: the disk is full (5,000 bytes needed") and message.count(". ") == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["entry.bin"] and (tmp_path / "entry.bin").read_bytes() == b"old"
+    assert data.disk_full_error(tmp_path, ValueError("Error while serializing: No space left on device")) is not None
+    assert data.disk_full_error(tmp_path, OSError(errno.EACCES, "Permission denied")) is None
+
+
+def small_disk_command(folder: Path, kilobytes: int, *command) -> list[str]:
+    """`command` run with `folder` on a tmpfs of that size, in a private mount namespace (no root needed where
+    user namespaces are allowed); afterwards every file left in the folder is listed, one per line."""
+    script = (f'mount -t tmpfs -o size={kilobytes}k none "$0" || exit 99; "$@"; rc=$?; '
+              f'find "$0" -type f | sort; exit $rc')
+    return ["unshare", "-rm", "sh", "-c", script, str(folder), *map(str, command)]
+
+
+def run_on_a_small_disk(folder: Path, kilobytes: int, *args):
+    folder.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(small_disk_command(folder, kilobytes, sys.executable, *args), cwd=HERE,
+                            capture_output=True, text=True, timeout=600,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1"))
+    if result.returncode == 99:
+        pytest.skip("this machine cannot mount a small tmpfs in a user namespace (unshare -rm)")
+    return result
+
+
+def test_a_real_full_disk_is_one_sentence_and_leaves_no_temporary(tmp_path):
+    code = ("import sys; sys.path.insert(0, '.'); import data\n"
+            "try:\n    data.save_bytes(b'x' * 200_000, sys.argv[1] + '/big.bin')\n"
+            "except data.DataError as error:\n    print(error, file=sys.stderr); sys.exit(2)")
+    result = run_on_a_small_disk(tmp_path / "disk", 64, "-c", code, tmp_path / "disk")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f"{tmp_path / 'disk'}: the disk is full (200,000 bytes needed, 0 bytes free)")
+    assert result.stdout == ""  # no file at all is left on the full disk
 
 
 def test_jsonl_reader_ignores_torn_last_line(tmp_path):
