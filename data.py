@@ -102,14 +102,23 @@ def load_mask(path, size: tuple[int, int] | None = None, binarize: bool = True) 
     return values.astype(np.float32) / 255.0
 
 
-def list_images(folder) -> list[Path]:
-    """The image files of one folder (not recursive), sorted by name. Hidden files are skipped: among them the
-    temporary file of an interrupted atomic write (.NAME.XXXX.tmp.png), which is not an image of the dataset."""
+def list_folders(folder) -> list[Path]:
+    """The sub-folders of one folder, sorted by name; hidden ones (.ipynb_checkpoints, .git) are skipped."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def list_images(folder, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> list[Path]:
+    """The image files of one folder (not recursive), sorted by name: the one listing every reader of dataset
+    and prediction folders uses. Hidden files are skipped: among them the temporary file of an interrupted
+    atomic write (.NAME.XXXXXXXX.tmp.png), which is not an image of the dataset."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
     return sorted(p for p in folder.iterdir()
-                  if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+                  if p.is_file() and p.suffix.lower() in extensions and not p.name.startswith("."))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -361,7 +370,7 @@ def read_jsonl(path) -> list[dict]:
     if not path.is_file():
         return []
     records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_text(encoding="utf-8-sig").splitlines():
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:
@@ -388,7 +397,7 @@ def list_categories(root) -> list[str]:
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: no such dataset folder.")
-    return sorted(p.name for p in root.iterdir() if (p / "train").is_dir() or (p / "test").is_dir())
+    return [p.name for p in list_folders(root) if (p / "train").is_dir() or (p / "test").is_dir()]
 
 
 def mask_path(root, category: str, defect: str, stem: str) -> Path:
@@ -414,8 +423,7 @@ def read_split(root, category: str, split: str) -> list[Sample]:
         known = ", ".join(categories) or "none"
         raise DataError(f"{root}: unknown category {category!r} (categories found: {known}).")
     split_dir = root / category / split
-    defects = sorted((p.name for p in split_dir.iterdir() if p.is_dir()), key=lambda d: (d != "good", d)) \
-        if split_dir.is_dir() else []
+    defects = sorted((p.name for p in list_folders(split_dir)), key=lambda d: (d != "good", d))
     samples = []
     for defect in defects:
         for image in list_images(split_dir / defect):
@@ -567,37 +575,33 @@ def _plan_visa(source: Path, table: Path) -> tuple[list[_VisaJob], dict[str, dic
     return jobs, counts
 
 
+def _inside(root: Path, relative: str) -> bool:
+    """True when ROOT/relative is a file path strictly inside ROOT (no '..', not absolute)."""
+    parts = Path(relative).parts
+    return bool(parts) and not Path(relative).is_absolute() and ".." not in parts
+
+
 def _source_identity(path: Path) -> dict:
     """What a manifest line records of a VisA file: its resolved path, size and modification time."""
     stat = path.stat()
     return {"source": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
-def _remove_stale_outputs(target: Path, categories: set[str], wanted: set[str]) -> list[str]:
-    """Remove from TARGET/<category>/{train,test,ground_truth}/<defect>/ of the given categories every image, and
-    every temporary file of an interrupted write, that the conversion does not write now (a previous run's
-    output under another split, label or category; an image the csv no longer lists), then the folders this
-    empties. Returns the removed files, relative to TARGET."""
+def _remove_stale_outputs(target: Path, written_before: set[str], wanted: set[str]) -> list[str]:
+    """Remove what a previous conversion wrote (its manifest lists it) and this one does not write now (an image
+    the csv no longer lists, or lists under another split, label or category), then the folders this empties.
+    Nothing else is ever removed: a file of the user's own in TARGET stays. Returns the removed files, relative
+    to TARGET."""
     removed = []
-    for category in sorted(categories):
-        for part in ("train", "test", "ground_truth"):
-            base = target / category / part
-            if not base.is_dir():
-                continue
-            for folder in sorted(p for p in base.iterdir() if p.is_dir()):
-                for file in sorted(folder.iterdir()):
-                    relative = file.relative_to(target).as_posix()
-                    interrupted = file.name.startswith(".") and ".tmp" in file.name  # atomic_path's temporary
-                    ours = file.suffix.lower() in IMAGE_EXTENSIONS or interrupted
-                    if file.is_file() and ours and relative not in wanted:
-                        file.unlink()
-                        removed.append(relative)
-                if not any(folder.iterdir()):
-                    folder.rmdir()
-            if not any(base.iterdir()):
-                base.rmdir()
-        if (target / category).is_dir() and not any((target / category).iterdir()):
-            (target / category).rmdir()
+    for relative in sorted(written_before - wanted):
+        file = target / relative
+        if file.is_file():
+            file.unlink()
+            removed.append(relative)
+            for folder in file.parents:  # train/good, train, the category: up to TARGET itself
+                if folder == target or any(folder.iterdir()):
+                    break
+                folder.rmdir()
     return removed
 
 
@@ -609,8 +613,10 @@ def visa_to_mvtec(source, target, progress: bool = True) -> dict:
     The whole csv is checked first (fields, labels, splits, that every image and every anomalous row's mask
     exists, that no two rows write one file), so a bad row writes nothing. A re-run converges to what a fresh
     conversion of the current csv gives: a file is kept only when TARGET/visa_to_mvtec.jsonl says it was made
-    from the same VisA file (path, size, mtime), the rest is rewritten, and images a previous run left that the
-    csv no longer lists (under another split, label or category) are removed.
+    from the same VisA file (path, size, mtime), the rest is rewritten, and files a previous conversion wrote
+    that the csv no longer lists (under another split, label or category) are removed. Only those: the manifest
+    says what the conversion wrote, a TARGET that holds files without one is refused, and a file of the user's
+    own added later is never touched.
 
     Returns {"counts": per category {split/defect: images}, "written": files, "kept": files, "removed": files}.
     """
@@ -619,13 +625,19 @@ def visa_to_mvtec(source, target, progress: bool = True) -> dict:
     if not table.is_file():
         raise DataError(f"{table}: not found; SRC must be the VisA root that holds {VISA_TABLE}.")
     check_output_folder(target, "DST")
+    manifest = target / VISA_MANIFEST
+    if target.is_dir() and not manifest.is_file() and any(p.is_file() for p in target.rglob("*")):
+        raise DataError(f"DST {target}: holds files that visa-to-mvtec did not write (no {VISA_MANIFEST}); "
+                        f"convert into a new or empty folder.")
     jobs, counts = _plan_visa(source, table)
 
-    manifest = target / VISA_MANIFEST
     done = {record.get("target"): record for record in read_jsonl(manifest) if isinstance(record, dict)}
-    earlier = {t.split("/")[0] for t in done if isinstance(t, str) and "/" in t}  # categories a run wrote
-    categories = set(counts) | {c for c in earlier if c not in ("", ".", "..") and "\\" not in c}
-    removed = _remove_stale_outputs(target, categories, {job.target for job in jobs})
+    ours = {t for t in done if isinstance(t, str) and _inside(target, t)}  # a manifest is data: trust no path
+    removed = _remove_stale_outputs(target, ours, {job.target for job in jobs})
+    if not manifest.is_file():
+        save_text("", manifest)  # before the first image: an interrupted first conversion is still ours
+    elif target.is_dir():
+        remove_dead_temporaries(target, recursive=True)  # an interrupted run's half-written files
     try:
         from tqdm import tqdm
         jobs_iter = tqdm(jobs, desc="visa-to-mvtec", unit="file", disable=None if progress else True)
