@@ -558,7 +558,7 @@ def record_settings(stages: list[tuple[Path, dict[str, str]]]) -> None:
             new.append((folder, settings))
             continue
         try:
-            recorded = json.loads(record.read_text(encoding="utf-8"))
+            recorded = json.loads(record.read_text(encoding="utf-8-sig"))
         except (OSError, ValueError) as error:
             raise DataError(f"{record}: cannot be read ({error}); restore it or choose another output "
                             f"folder.") from None

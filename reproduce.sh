@@ -87,7 +87,8 @@ aux_data=() aux_root=-
 [ "$AUX" = "-" ] || aux_data=(--aux "$AUX") aux_root=$(cd "$AUX" && pwd -P)
 
 # Record (or compare with the record of) the settings of every folder this call will use, before any work.
-generation=("DATA=$(cd "$DATA" && pwd -P)" "PROMPT=$PROMPT" "CUT_ARGS=${CUT_ARGS:-}")
+data_root=$(cd "$DATA" && pwd -P)  # absolute: the recorded normal images are found from any working folder
+generation=("DATA=$data_root" "PROMPT=$PROMPT" "CUT_ARGS=${CUT_ARGS:-}")
 training=("AUX=$aux_root" "TRAIN_ARGS=${TRAIN_ARGS:-}" "PREDICT_ARGS=${PREDICT_ARGS:-}" "LOSS=$LOSS")
 stages=()
 for k in "${few[@]}"; do
@@ -111,7 +112,7 @@ normals_of() {
   images=()
   for category in "${categories[@]}"; do
     [ -f "$shot/normals_$category.txt" ] ||
-      "$PYTHON" "$HERE/data.py" k-shot "$DATA" "$category" "$1" --seed "$2" --out "$shot/normals_$category.txt"
+      "$PYTHON" "$HERE/data.py" k-shot "$data_root" "$category" "$1" --seed "$2" --out "$shot/normals_$category.txt"
     while IFS= read -r image; do images+=(--image "$image"); done <"$shot/normals_$category.txt"
   done
 }

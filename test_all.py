@@ -3588,9 +3588,9 @@ def test_reproduce_sh_shares_generation_across_k_refuses_changed_settings_and_su
         assert sorted(p.name for p in shot.iterdir()) == \
             ["generated", "loss-both", "normals_cookie.txt", "normals_rough texture.txt", "settings.json"]
         for category in categories:
-            normals = (shot / f"normals_{category}.txt").read_text().splitlines()
-            assert normals == [str(p) for p in (train_good[category] if k == "all"
-                                                 else data.select_k_shot(train_good[category], int(k), 0))]
+            normals = (shot / f"normals_{category}.txt").read_text().splitlines()   # absolute: found from anywhere
+            assert normals == [str(p.resolve()) for p in (train_good[category] if k == "all"
+                                                           else data.select_k_shot(train_good[category], int(k), 0))]
             generated = shot / "generated" / category   # a complete training set of exactly the k images' samples
             assert [p.name for p in data.list_images(generated / "train/good")] == [Path(n).name for n in normals]
             samples = data.read_split(shot / "generated", category, "test")
@@ -3609,7 +3609,7 @@ def test_reproduce_sh_shares_generation_across_k_refuses_changed_settings_and_su
             assert len(list(predictions.rglob("*.tiff"))) == len(tests)
             assert (predictions / "scores.csv").read_text().count("\n") == len(tests) + 1
             assert json.loads((predictions / "k_shot.json").read_text())["images"] == \
-                [Path(n).relative_to(dataset / category).as_posix() for n in normals]   # the same normals
+                [Path(n).relative_to((dataset / category).resolve()).as_posix() for n in normals]  # the same normals
         n_normals = 2 if k == "all" else int(k)     # per category; N_FEW = N_FULL = 1 sample each
         config = json.loads((shot / "loss-both" / "model" / "config.json").read_text())
         assert config["n_samples"] == len(categories) * n_normals * 2 + n_aux   # trained on its own k images only
