@@ -38,10 +38,11 @@
 #
 # Nothing mixes silently: DATA, PROMPT and CUT_ARGS are recorded in the settings.json of OUT/seed<S>, those and
 # N_FEW (or N_FULL) in that of OUT/k<K>_seed<S>, and AUX, TRAIN_ARGS, PREDICT_ARGS and LOSS in that of each
-# loss-<LOSS> folder, when the folder is first made. A call that would reuse a folder under another value stops before any work with
-# one line naming the setting and both values: set it back, or use another OUT (a change is refused, never redone:
-# a redo would delete the samples). Flags are compared as written, as a changed flag may change the results; one
-# that only changes speed (such as cut.py's --batch) can be changed by editing it in those settings.json files.
+# loss-<LOSS> folder, when the folder is first made. A call that would reuse a folder under another value stops
+# before any work with one line naming the setting and both values: set it back, or use another OUT (a change is
+# refused, never redone: a redo would delete the samples). Flags are compared as written, as a changed flag may
+# change the results; one that only changes speed (such as cut.py's --batch) can be changed by editing it in
+# those settings.json files. A run is finished once its metrics.json is written, and a later call skips it.
 set -euo pipefail
 
 usage() { sed -n '2,/^set -euo/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; }
@@ -71,13 +72,19 @@ read -r -a predict_args <<<"${PREDICT_ARGS:-}"
 case "$LOSS" in both | image | pixel) ;; *) fail "LOSS=$LOSS: expected both, image or pixel." ;; esac
 case "$DATASET" in mvtec | visa | auto) ;; *) fail "DATASET=$DATASET: expected mvtec, visa or auto." ;; esac
 case "$EVICT_TOKENS" in 0 | 1) ;; *) fail "EVICT_TOKENS=$EVICT_TOKENS: expected 1 or 0." ;; esac
-for k in $SHOTS; do [[ $k =~ ^([1-9][0-9]*|all)$ ]] || fail "SHOTS: '$k' is neither a positive whole number nor 'all'."; done
-for seed in $SEEDS $FULL_SEEDS; do [[ $seed =~ ^[0-9]+$ ]] || fail "SEEDS or FULL_SEEDS: '$seed' is not a whole number."; done
+for k in $SHOTS; do
+  [[ $k =~ ^([1-9][0-9]*|all)$ ]] || fail "SHOTS: '$k' is neither a positive whole number nor 'all'."
+done
+for seed in $SEEDS $FULL_SEEDS; do
+  [[ $seed =~ ^[0-9]+$ ]] || fail "SEEDS or FULL_SEEDS: '$seed' is not a whole number."
+done
 for name in SHOTS SEEDS FULL_SEEDS; do
   twice=$(printf '%s\n' ${!name} | sort | uniq -d | head -n 1)
   [ -z "$twice" ] || fail "$name: '$twice' is given twice."
 done
-for name in N_FEW N_FULL; do [[ ${!name} =~ ^[1-9][0-9]*$ ]] || fail "$name=${!name}: expected a positive whole number."; done
+for name in N_FEW N_FULL; do
+  [[ ${!name} =~ ^[1-9][0-9]*$ ]] || fail "$name=${!name}: expected a positive whole number."
+done
 
 few=() full=0
 for k in $SHOTS; do if [ "$k" = all ]; then full=1; else few+=("$k"); fi; done
@@ -117,7 +124,8 @@ normals_of() {
   done
 }
 
-# Steps 2 to 4 of one run (SHOT K SEED, then extra `vlad.py train` flags).
+# Steps 2 to 4 of one run (SHOT K SEED, then extra `vlad.py train` flags). A run is finished once its
+# metrics.json is written: a later call skips it, its generation included, and loads no model.
 train_predict_evaluate() {
   local shot=$1 k=$2 seed=$3 run="$1/loss-$LOSS"
   shift 3
@@ -130,29 +138,34 @@ train_predict_evaluate() {
   "$PYTHON" "$HERE/vlad.py" predict --ckpt "$run/model" --data "$DATA" --k-shot "$k" --seed "$seed" \
     --out "$run/predictions" "${predict_args[@]}"
   # 4. Evaluate: I-AUC, I-F1, P-AUC, P-F1, PRO per category.
-  [ -f "$run/metrics.json" ] ||
-    "$PYTHON" "$HERE/metrics.py" --pred "$run/predictions" --gt "$DATA" --json "$run/metrics.json"
+  "$PYTHON" "$HERE/metrics.py" --pred "$run/predictions" --gt "$DATA" --json "$run/metrics.json"
 }
 
-# Few-shot, seed by seed. 1. Generate once for the seed: the normal images of every k (each once; one cut.py
-# call, one model load, reading each category from its DATA/<category>/train/good path). Another k, another
-# LOSS or a re-run finds them complete and generates nothing.
+# Few-shot, seed by seed. 1. Generate once for the seed: the normal images of every k whose run is not finished
+# (each image once; one cut.py call, one model load, reading each category from its DATA/<category>/train/good
+# path). Another k or another LOSS finds the samples it shares complete and generates nothing.
 for seed in $SEEDS; do
   [ ${#few[@]} -gt 0 ] || break
+  todo=()
+  for k in "${few[@]}"; do [ -f "$OUT/k${k}_seed$seed/loss-$LOSS/metrics.json" ] || todo+=("$k"); done
+  if [ ${#todo[@]} -eq 0 ]; then
+    echo "== seed=$seed: the runs of k = ${few[*]} with loss $LOSS are finished"
+    continue
+  fi
   pool="$OUT/seed$seed/generated"
   union=()
-  for k in "${few[@]}"; do normals_of "$k" "$seed"; union+=("${images[@]}"); done
-  echo "== seed=$seed: CUT's samples of the normal images of k = ${few[*]} -> $pool"
+  for k in "${todo[@]}"; do normals_of "$k" "$seed"; union+=("${images[@]}"); done
+  echo "== seed=$seed: CUT's samples of the normal images of k = ${todo[*]} -> $pool"
   "$PYTHON" "$HERE/cut.py" "${union[@]}" --prompt "$PROMPT" --n "$N_FEW" --seed 0 --out "$pool" "${cut_args[@]}"
-  for i in "${!few[@]}"; do
-    k=${few[$i]} shot="$OUT/k${few[$i]}_seed$seed"
+  for i in "${!todo[@]}"; do
+    k=${todo[$i]} shot="$OUT/k${todo[$i]}_seed$seed"
     # Each k trains on its own k images' samples only: N_FEW x k per category, linked from the seed's samples,
     # so the token cache finds the very files an earlier k of the seed cached. They leave the cache after the
     # seed's last k (EVICT_TOKENS=1), as no later run trains on them; another LOSS computes them again.
     normals_of "$k" "$seed"
     "$PYTHON" "$HERE/data.py" link-samples "$pool" "$shot/generated" --n "$N_FEW" "${images[@]}"
     evict=()
-    [ "$EVICT_TOKENS" = 0 ] || [ $((i + 1)) -lt ${#few[@]} ] || evict=(--evict-tokens "$pool")
+    [ "$EVICT_TOKENS" = 0 ] || [ $((i + 1)) -lt ${#todo[@]} ] || evict=(--evict-tokens "$pool")
     train_predict_evaluate "$shot" "$k" "$seed" "${evict[@]}"
   done
 done
@@ -161,6 +174,10 @@ done
 for seed in $FULL_SEEDS; do
   [ "$full" = 1 ] || break
   shot="$OUT/kall_seed$seed"
+  if [ -f "$shot/loss-$LOSS/metrics.json" ]; then
+    echo "== seed=$seed: the full-shot run with loss $LOSS is finished"
+    continue
+  fi
   normals_of all "$seed"
   "$PYTHON" "$HERE/cut.py" "${images[@]}" --prompt "$PROMPT" --n "$N_FULL" --seed 0 --out "$shot/generated" \
     "${cut_args[@]}"

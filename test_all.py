@@ -3669,5 +3669,6 @@ def test_reproduce_sh_shares_generation_across_k_refuses_changed_settings_and_su
     third = reproduce(image).stdout
     assert e2e_files(out) == before
     assert {p.name: p.read_text() for p in out.glob("summary_*.txt")} == summaries
-    assert "cut.py: wrote 0 samples, skipped 2 already complete" in third and "already trained" in third
+    assert "== seed=0: the runs of k = 1 with loss image are finished" in third    # no model even loaded
+    assert "cut.py" not in third and "vlad.py" not in third and not e2e_token_cache_lines(third)
     assert "mean ± sample std over 1 run" in summaries["summary_k1_loss-image_seeds-0.txt"]
