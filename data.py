@@ -13,7 +13,12 @@ converter, k-shot selection, 8-connected region labelling of masks, sharding acr
 pictures people look at (a heat-map overlay and a contact sheet).
 
     python data.py info ROOT                 per-category counts, to check a download at a glance
+    python data.py categories ROOT           the category names, one a line (for scripts)
     python data.py k-shot ROOT CATEGORY K    the K normal images chosen for --seed (as vlad.py chooses them)
+    python data.py link-samples GEN DST --n N --image PATH ...
+                                             DST: the given normal images' first N samples of GEN, as links
+    python data.py settings --stage FOLDER NAME=VALUE ...
+                                             record what shaped FOLDER; refuse a value that differs
     python data.py visa-to-mvtec SRC DST     convert VisA's own layout into the MVTec layout
 """
 
@@ -484,6 +489,89 @@ def k_shot_images(root, category: str, k: int | None, seed: int) -> list[Path]:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Generated sets shared by several runs, and the record of the settings that shaped a folder (reproduce.sh)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _link(source: Path, link: Path) -> None:
+    """A relative symbolic link `link` -> `source` (OUT can be moved whole); one that is already there is kept.
+    symlink() is atomic: the link exists whole or not at all."""
+    if not source.is_file():
+        raise DataError(f"{source}: missing; generate it again (cut.py resumes).")
+    link.parent.mkdir(parents=True, exist_ok=True)
+    relative = os.path.relpath(source.resolve(), link.parent.resolve())
+    if link.is_symlink() and os.readlink(link) == relative:
+        return
+    if link.exists() or link.is_symlink():
+        raise DataError(f"{link}: exists and is not a link to {source}; remove it or choose another output "
+                        f"folder.")
+    os.symlink(relative, link)
+
+
+def link_samples(generated, target, sources: list, n: int) -> int:
+    """TARGET = the generated set GENERATED (cut.py's output) restricted to some normal images: per category the
+    copy of each source in train/good and its n samples of lowest seed (image and mask), as relative symbolic
+    links into GENERATED, and their meta.jsonl lines. Every reader of the MVTec layout reads TARGET as a
+    generated set of its own, and content-keyed caches see the very same files. So the k-shot runs of one seed
+    share one generation and each trains on its own k images only. Returns the number of samples linked."""
+    generated, target = Path(generated), Path(target)
+    wanted = {Path(source).resolve(): Path(source) for source in sources}
+    found: dict[Path, tuple[str, dict[str, dict]]] = {}  # source -> (category, {image: its last meta record})
+    for category in list_categories(generated):
+        for record in read_jsonl(generated / category / "meta.jsonl"):
+            source = Path(str(record.get("source", ""))).resolve()
+            if source in wanted and "image" in record:
+                found.setdefault(source, (category, {}))[1][record["image"]] = record
+    meta: dict[str, list[dict]] = {}
+    for source, given in sorted(wanted.items()):
+        category, records = found.get(source, (None, {}))
+        chosen = sorted(records.values(), key=lambda record: record["seed"])[:n]
+        if len(chosen) < n:
+            raise DataError(f"{generated}: holds {len(chosen)} samples of {given}, not the {n} asked for; "
+                            f"generate them first (cut.py --n {n}).")
+        for relative in [f"train/good/{source.stem}.png"] + [r[name] for r in chosen for name in ("image", "mask")]:
+            _link(generated / category / relative, target / category / relative)
+        meta.setdefault(category, []).extend(chosen)
+    for category, records in meta.items():
+        text = "".join(json.dumps(record, separators=(",", ":")) + "\n" for record in records)
+        path = target / category / "meta.jsonl"
+        if not path.is_file() or path.read_text(encoding="utf-8") != text:
+            save_text(text, path)
+    return sum(len(records) for records in meta.values())
+
+
+SETTINGS_FILE = "settings.json"
+
+
+def record_settings(stages: list[tuple[Path, dict[str, str]]]) -> None:
+    """Each FOLDER/settings.json holds the settings that shaped FOLDER, recorded when it is first used. A value
+    that differs from the recorded one is a DataError naming the setting and both values, so a folder is never
+    silently reused under other settings; nothing is written unless every folder agrees."""
+    new = []
+    for folder, settings in stages:
+        folder = Path(folder)
+        record = folder / SETTINGS_FILE
+        if not record.is_file():
+            if folder.is_dir() and any(not p.name.startswith(".") for p in folder.iterdir()):
+                raise DataError(f"{folder}: holds results but no {SETTINGS_FILE} (made by an older reproduce.sh, "
+                                f"which recorded no settings); choose another output folder.")
+            new.append((folder, settings))
+            continue
+        try:
+            recorded = json.loads(record.read_text(encoding="utf-8-sig"))
+        except (OSError, ValueError) as error:
+            raise DataError(f"{record}: cannot be read ({error}); restore it or choose another output "
+                            f"folder.") from None
+        for name, value in settings.items():
+            if recorded.get(name) != value:
+                before = "not recorded" if name not in recorded else f"{name}={recorded[name]!r}"
+                raise DataError(f"{name}={value!r} differs from {before} in {record}, with which {folder} was "
+                                f"made; set {name} back to continue it, or choose another output folder.")
+    for folder, settings in new:
+        save_json(settings, folder / SETTINGS_FILE)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # VisA -> MVTec
 # ---------------------------------------------------------------------------------------------------------
 
@@ -861,11 +949,22 @@ def main(argv=None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     info = commands.add_parser("info", help="per-category counts of an MVTec-layout root")
     info.add_argument("root", help="dataset root, e.g. mvtec_anomaly_detection/")
+    names = commands.add_parser("categories", help="print the category names of an MVTec-layout root, one a line")
+    names.add_argument("root", help="MVTec-layout root")
     shots = commands.add_parser("k-shot", help="print the k normal images of a category chosen for a seed")
     shots.add_argument("root", help="MVTec-layout root")
     shots.add_argument("category")
     shots.add_argument("k", help="number of normal images, or 'all'")
     shots.add_argument("--seed", type=int, default=0)
+    shots.add_argument("--out", type=Path, help="write the list to this file (atomically) instead of printing it")
+    links = commands.add_parser("link-samples", help="a generated set of only some normal images, as links")
+    links.add_argument("generated", type=Path, help="cut.py's output root")
+    links.add_argument("target", type=Path, help="the root to hold the links")
+    links.add_argument("--image", action="append", required=True, type=Path, help="a normal image (repeatable)")
+    links.add_argument("--n", type=int, required=True, help="samples per image: those of the n lowest seeds")
+    record = commands.add_parser("settings", help="record the settings that shape folders; refuse a changed one")
+    record.add_argument("--stage", nargs="+", action="append", required=True, metavar="FOLDER NAME=VALUE",
+                        help="a folder and the NAME=VALUE settings that shape it (repeatable)")
     convert = commands.add_parser("visa-to-mvtec", help="convert VisA's layout into the MVTec layout")
     convert.add_argument("source", help="VisA root (holds split_csv/1cls.csv)")
     convert.add_argument("target", help="output MVTec-layout root")
@@ -880,8 +979,28 @@ def main(argv=None) -> int:
                 defects = ", ".join(f"{name} {count}" for name, count in row["defects"].items()) or "-"
                 print(f"{row['category']:<16}{row['train_good']:>11}{row['test_good']:>10}"
                       f"{row['test_anomalous']:>10}{row['masks']:>7}  {defects}")
+        elif args.command == "categories":
+            categories = list_categories(args.root)
+            if not categories:
+                raise DataError(f"{args.root}: no category folders with train/ or test/ inside.")
+            print("\n".join(categories))
         elif args.command == "k-shot":
-            print("\n".join(map(str, k_shot_images(args.root, args.category, parse_k_shot(args.k), args.seed))))
+            text = "\n".join(map(str, k_shot_images(args.root, args.category, parse_k_shot(args.k), args.seed)))
+            if args.out is None:
+                print(text)
+            else:
+                save_text(text + "\n", args.out)
+        elif args.command == "link-samples":
+            count = link_samples(args.generated, args.target, args.image, args.n)
+            print(f"linked {count} samples of {len(set(args.image))} normal images of {args.generated} into "
+                  f"{args.target}")
+        elif args.command == "settings":
+            stages = []
+            for folder, *settings in args.stage:
+                if not all("=" in setting for setting in settings):
+                    raise DataError(f"--stage {folder}: settings are NAME=VALUE, got {settings}.")
+                stages.append((Path(folder), dict(setting.split("=", 1) for setting in settings)))
+            record_settings(stages)
         else:
             result = visa_to_mvtec(args.source, args.target)
             total = sum(sum(c.values()) for c in result["counts"].values())

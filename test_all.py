@@ -14,6 +14,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import csv
+import dataclasses
 import errno
 import gzip
 import io
@@ -536,6 +537,71 @@ def test_k_shot_cli_prints_the_same_images_as_select_k_shot(tmp_path):
     assert run_cli("data.py", "k-shot", tmp_path, "bottle", "all").stdout.split() == [str(p) for p in normals]
     result = run_cli("data.py", "k-shot", tmp_path, "bottle", "9")
     assert result.returncode == 2 and "k-shot 9" in result.stderr
+
+
+def test_categories_cli_prints_one_name_a_line_with_spaces_kept(tmp_path):
+    for category in ("metal nut", "bottle"):
+        data.save_image(np.zeros((8, 8, 3), np.uint8), tmp_path / category / "train/good/000.png")
+    result = run_cli("data.py", "categories", tmp_path)
+    assert result.returncode == 0 and result.stdout.splitlines() == ["bottle", "metal nut"]
+    result = run_cli("data.py", "categories", tmp_path / "bottle")
+    assert result.returncode == 2 and "no category folders" in result.stderr
+
+
+def data_write_generated(out: Path, category: str, sources: list[Path], seeds) -> None:
+    """cut.py's output for `sources` (one distinct image per sample), its meta lines in a shuffled order."""
+    records = []
+    for source in sources:
+        data.save_image(data.load_image(source), out / category / "train/good" / f"{source.stem}.png")
+        for seed in seeds:
+            name = f"{source.stem}_{seed}"
+            data.save_image(np.full((8, 8, 3), seed, np.uint8), out / category / "test/damaged" / f"{name}.png")
+            data.save_mask(np.eye(8), data.mask_path(out, category, "damaged", name))
+            records.append({"image": f"test/damaged/{name}.png", "mask": f"ground_truth/damaged/{name}_mask.png",
+                            "source": str(source), "seed": seed})
+    for record in reversed(records):
+        data.append_jsonl(record, out / category / "meta.jsonl")
+
+
+def test_link_samples_links_the_n_lowest_seeds_of_the_given_images_only_and_refuses_too_few(tmp_path):
+    data_write_mvtec_tree(tmp_path / "data")
+    normals = sorted(s.image for s in data.read_split(tmp_path / "data", "bottle", "train"))
+    pool = tmp_path / "pool"
+    data_write_generated(pool, "bottle", normals, seeds=(0, 1, 2))
+    target = tmp_path / "k1" / "generated"
+    assert data.link_samples(pool, target, [normals[1]], 2) == 2
+    assert run_cli("data.py", "link-samples", pool, target, "--n", "2", "--image", normals[1]).returncode == 0
+    files = sorted(p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file())
+    stem = normals[1].stem
+    assert files == ["bottle/ground_truth/damaged/" + f"{stem}_{i}_mask.png" for i in (0, 1)] + \
+        ["bottle/meta.jsonl"] + [f"bottle/test/damaged/{stem}_{i}.png" for i in (0, 1)] + [f"bottle/train/good/{stem}.png"]
+    for link in (p for p in target.rglob("*") if p.is_symlink()):   # relative: OUT can be moved whole
+        assert not os.path.isabs(os.readlink(link))
+        assert link.resolve() == (pool / link.relative_to(target)).resolve()
+    assert [(s.defect, s.image.name, s.label) for s in data.read_split(target, "bottle", "test")] == \
+        [("damaged", f"{stem}_{i}.png", 1) for i in (0, 1)]
+    assert [r["seed"] for r in data.read_jsonl(target / "bottle/meta.jsonl")] == [0, 1]
+    result = run_cli("data.py", "link-samples", pool, tmp_path / "k4", "--n", "4", "--image", normals[0])
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        f"error: {pool}: holds 3 samples of {normals[0]}, not the 4 asked for; generate them first (cut.py --n 4)."]
+    assert not (tmp_path / "k4").exists()
+
+
+def test_settings_refuse_a_changed_value_naming_both_values_and_write_nothing(tmp_path):
+    first, second = tmp_path / "seed0", tmp_path / "k1_seed0"
+    assert run_cli("data.py", "settings", "--stage", first, "N_FEW=100", "PROMPT=a {cls}").returncode == 0
+    assert json.loads((first / "settings.json").read_text()) == {"N_FEW": "100", "PROMPT": "a {cls}"}
+    result = run_cli("data.py", "settings", "--stage", second, "N_FEW=50", "--stage", first, "N_FEW=50",
+                     "PROMPT=a {cls}")
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        f"error: N_FEW='50' differs from N_FEW='100' in {first / 'settings.json'}, with which {first} was made; "
+        f"set N_FEW back to continue it, or choose another output folder."]
+    assert not second.exists()                                  # the other folder's record is not written either
+    assert run_cli("data.py", "settings", "--stage", first, "N_FEW=100", "CUT_ARGS=").returncode == 2  # not recorded
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "generated").mkdir()                   # results of a version that recorded nothing
+    result = run_cli("data.py", "settings", "--stage", tmp_path / "old", "N_FEW=100")
+    assert result.returncode == 2 and "holds results but no settings.json" in result.stderr
 
 
 # =========================================================================================================
@@ -3055,7 +3121,7 @@ def test_evicting_a_runs_generated_tokens_keeps_the_auxiliary_ones_for_the_next_
     gen = vlad_make_synthetic_dataset(tmp_path / "gen", n_train=1, n_good=0, n_bad=2, soft=True)
     aux = vlad_make_synthetic_dataset(tmp_path / "aux", categories=("tile",), n_train=2, n_good=1, n_bad=1, seed=4)
     argv = vlad_train_args(vlad_tiny_clip, gen, tmp_path / "first", "--epochs", "1", "--aux", aux,
-                           "--evict-data-tokens")
+                           "--evict-tokens", gen)
     assert vlad.main(argv) == 0
     assert vlad_cache_line(capsys) == (5, 0)
     remaining = sorted(p.name for p in (tmp_path / "tokens").rglob("*.safetensors"))
@@ -3079,6 +3145,95 @@ def test_token_cache_defaults_to_the_user_cache_folder_outside_the_run(vlad_tiny
     assert (tmp_path / "run/log.jsonl").read_text() == ""  # --epochs 0: the log it names exists, and is empty
     monkeypatch.delenv("XDG_CACHE_HOME")
     assert vlad.default_cache_dir() == Path.home() / ".cache/vlad/tokens"
+
+
+@pytest.fixture(scope="session")
+def vlad_tiny_backbone(vlad_tiny_clip) -> "vlad.Backbone":
+    return vlad.Backbone(vlad_tiny_clip, None, VLAD_TINY_SIZE)
+
+
+def vlad_fill(backbone, samples: list, folder: Path) -> tuple[int, int]:
+    """(computed, reused) of filling a disk token cache with these samples."""
+    cache = vlad.TokenCache(backbone, samples, "disk", folder)
+    cache.fill(progress=False)
+    return cache.computed, cache.reused
+
+
+@pytest.mark.parametrize("component", ["image bytes", "mask bytes", "label", "backbone weights", "stage list",
+                                       "input size", "precision"])
+def test_token_cache_misses_when_one_component_of_its_key_changes_alone(component, vlad_tiny_clip, vlad_tiny_backbone,
+                                                                        tmp_path):
+    gen = vlad_make_synthetic_dataset(tmp_path / "gen", n_train=1, n_good=0, n_bad=2, soft=True)
+    samples = vlad.training_samples([gen], [])                 # one normal image, two anomalous with soft masks
+    folder = tmp_path / "tokens"
+    assert vlad_fill(vlad_tiny_backbone, samples, folder) == (3, 0)
+    assert vlad_fill(vlad.Backbone(vlad_tiny_clip, None, VLAD_TINY_SIZE), samples, folder) == (0, 3)  # the same: hits
+    normal = next(i for i, sample in enumerate(samples) if sample.label == 0)
+    anomalous = next(sample for sample in samples if sample.label == 1)
+    backbone, misses = vlad_tiny_backbone, 1
+    if component == "image bytes":                            # one pixel; same path, size and mask
+        pixels = np.asarray(data.load_image(anomalous.image)).copy()
+        pixels[0, 0] = 255 - pixels[0, 0]
+        data.save_image(pixels, anomalous.image)
+    elif component == "mask bytes":                           # one pixel; same image
+        mask = data.load_mask(anomalous.mask, binarize=False)
+        mask[0, 0] = 1 - mask[0, 0]
+        data.save_mask(mask, anomalous.mask)
+    elif component == "label":                                # the normal image's bytes, no mask, labelled 1
+        samples = [dataclasses.replace(s, label=1) if i == normal else s for i, s in enumerate(samples)]
+    else:
+        backbone, misses = {
+            "backbone weights": lambda: vlad.Backbone(build_tiny_clip(tmp_path / "clip", seed=1), None, VLAD_TINY_SIZE),
+            "stage list": lambda: vlad.Backbone(vlad_tiny_clip, None, VLAD_TINY_SIZE, stages=[2, 4]),
+            "input size": lambda: vlad.Backbone(vlad_tiny_clip, None, VLAD_TINY_SIZE - 16),
+            "precision": lambda: vlad.Backbone(vlad_tiny_clip, None, VLAD_TINY_SIZE, precision="fp16"),
+        }[component](), 3
+        if component == "input size":  # the positional embedding is interpolated to the size, so the weights hash
+            backbone._identity = vlad_tiny_backbone.identity()  # differs too: held equal, the size alone must miss
+        same = {"weights": backbone.identity() == vlad_tiny_backbone.identity(),   # fp16 hashes as fp32 does
+                "stages": backbone.stages == vlad_tiny_backbone.stages,
+                "size": backbone.image_size == vlad_tiny_backbone.image_size,
+                "precision": backbone.precision == vlad_tiny_backbone.precision}
+        assert [name for name, equal in same.items() if not equal] == \
+            [{"backbone weights": "weights", "stage list": "stages", "input size": "size"}.get(component, component)]
+    assert vlad_fill(backbone, samples, folder) == (misses, 3 - misses)
+    assert len(list(folder.rglob("*.safetensors"))) == 3 + misses   # the old entries stay for their own key
+
+
+def test_each_epoch_sees_another_order_of_the_samples_and_a_resumed_run_the_same_orders(vlad_tiny_clip, tmp_path,
+                                                                                        monkeypatch):
+    gen = vlad_make_synthetic_dataset(tmp_path / "gen", n_train=2, n_good=0, n_bad=4, soft=True)  # 6 images
+    images = sorted(str(s.image) for s in vlad.training_samples([gen], []))
+    batches, get = [], vlad.TokenCache.get
+
+    def recording_get(self, indices):                         # what each training step is fed, in order
+        batches.append([str(self.samples[i].image) for i in indices])
+        return get(self, indices)
+
+    def orders() -> list[list[str]]:                          # batch size 4: two steps per epoch
+        return [batches[step] + batches[step + 1] for step in range(0, len(batches), 2)]
+
+    monkeypatch.setattr(vlad.TokenCache, "get", recording_get)
+    assert vlad.main(vlad_train_args(vlad_tiny_clip, gen, tmp_path / "straight", "--epochs", "3")) == 0
+    straight = orders()
+    assert len(straight) == 3 and all(sorted(order) == images for order in straight)  # each image once an epoch
+    assert len({tuple(order) for order in straight}) == 3                             # in another order each epoch
+
+    write_derived_files = vlad.write_derived_files
+
+    def killed_after_epoch_1(run, adapters, config, log):
+        write_derived_files(run, adapters, config, log)
+        if config["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    batches.clear()
+    monkeypatch.setattr(vlad, "write_derived_files", killed_after_epoch_1)
+    with pytest.raises(KeyboardInterrupt):
+        vlad.main(vlad_train_args(vlad_tiny_clip, gen, tmp_path / "resumed", "--epochs", "3"))
+    monkeypatch.setattr(vlad, "write_derived_files", write_derived_files)
+    assert len(batches) == 2
+    assert vlad.main(vlad_train_args(vlad_tiny_clip, gen, tmp_path / "resumed", "--epochs", "3", "--resume")) == 0
+    assert orders() == straight                               # epochs 2 and 3 as if never interrupted
 
 
 def test_fp16_memory_bank_searches_in_float32_and_matches_the_float32_bank(vlad_trained_run, tmp_path):
@@ -3381,113 +3536,139 @@ def e2e_token_cache_lines(stdout: str) -> list[tuple[Path, int, int]]:
             E2E_TOKEN_CACHE_LINE.findall(stdout)]
 
 
-def e2e_training_images(shot: Path, aux: Path) -> int:
-    """What `vlad.py train` trains on: the generated test split and train/good, and the auxiliary test split."""
-    generated = shot / "generated"
-    return (sum(len(data.read_split(generated, c, split)) for c in data.list_categories(generated)
-                for split in ("test", "train"))
-            + sum(len(data.read_split(aux, c, "test")) for c in data.list_categories(aux)))
+def e2e_test_images(root: Path) -> int:
+    return sum(len(data.read_split(root, c, "test")) for c in data.list_categories(root))
 
 
 def e2e_summary_rows(summary: str) -> dict[str, list[float]]:
     """The numbers of each row of a summary table that holds mean ± std cells."""
     rows = {}
-    for line in summary.splitlines()[1:]:
+    for line in summary.splitlines():
         cells = re.findall(r"(-?\d+(?:\.\d+)?) ± (\d+(?:\.\d+)?)", line)
         if cells:
             rows.setdefault(line.split("  ")[0], [float(v) for cell in cells for v in cell])
     return rows
 
 
-def test_reproduce_sh_runs_the_whole_chain_and_a_second_run_does_no_work(cut_tiny_sd, vlad_tiny_clip, tmp_path):
-    dataset = vlad_make_synthetic_dataset(tmp_path / "data", categories=("texture",), n_train=2, n_good=1, n_bad=1)
+def test_reproduce_sh_shares_generation_across_k_refuses_changed_settings_and_summarizes_the_seeds_asked_for(
+        cut_tiny_sd, vlad_tiny_clip, tmp_path):
+    dataset = vlad_make_synthetic_dataset(tmp_path / "data", categories=("rough texture",), n_train=2, n_good=1,
+                                          n_bad=1)                           # a category name with a space
     e2e_cookie_category(dataset)
+    categories = ["cookie", "rough texture"]
     aux = vlad_make_synthetic_dataset(tmp_path / "aux", categories=("tile",), n_train=0, n_good=1, n_bad=2, seed=3)
+    n_aux = e2e_test_images(aux)
     out = tmp_path / "out"
+    cache = out / "token_cache"
     env = dict(os.environ, SEEDS="0", N_FEW="1", N_FULL="1", PYTHON=sys.executable, OMP_NUM_THREADS="1",
                CUT_ARGS=f"--model {cut_tiny_sd} --size {CUT_SIZE} --steps 10 --gamma 0.5 --thresholds 0:0.05,2:0.5 "
                         f"--max-iters 2 --device cpu",
                TRAIN_ARGS=f"--model {vlad_tiny_clip} --image-size {VLAD_TINY_SIZE} --epochs 1 --batch-size 4 "
                           f"--device cpu --quiet",
                PREDICT_ARGS="--device cpu --quiet")
-    both = dict(env, SHOTS="1 all", EVICT_TOKENS="0")                # Table 1 (k = 1) and Table 2 (full-shot)
-    image = dict(env, SHOTS="1", LOSS="image", DATASET="mvtec")      # Table 4, y_img only, beside MVTec AD's row
+    both = dict(env, SHOTS="1 2 all")                                   # Table 1 (k = 1, 2) and Table 2
+    image = dict(env, SHOTS="1", LOSS="image", DATASET="mvtec", EVICT_TOKENS="0")  # Table 4, y_img only
 
-    def reproduce(settings: dict) -> str:
+    def reproduce(settings: dict, status: int = 0) -> subprocess.CompletedProcess:
         result = subprocess.run(["bash", str(HERE / "reproduce.sh"), str(dataset), str(aux), str(out)], env=settings,
                                 capture_output=True, text=True, timeout=900)
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        return result.stdout
+        assert result.returncode == status, result.stdout[-3000:] + result.stderr[-3000:]
+        return result
 
-    first = reproduce(both)
-    for k in ("1", "all"):
-        shot = out / f"k{k}_seed0"                     # what every LOSS shares: the k normals and CUT's samples
+    first = reproduce(both).stdout
+    # One generation for the seed: N_FEW x 2 samples per category (the k = 1 image is one of k = 2's), not x 3;
+    # then full-shot's own.
+    assert [int(n) for n in re.findall(r"cut\.py: wrote (\d+) samples?", first)] == [2 * 2, 2 * 2], first
+    pool = out / "seed0" / "generated"
+    for category in categories:
+        assert len(data.read_split(pool, category, "test")) == 2 and len(data.read_jsonl(pool / category / "meta.jsonl")) == 2
+    train_good = {c: sorted(s.image for s in data.read_split(dataset, c, "train")) for c in categories}
+    for k in ("1", "2", "all"):
+        shot = out / f"k{k}_seed0"                  # what every LOSS shares: the k normals and their samples
         assert sorted(p.name for p in shot.iterdir()) == \
-            ["generated", "loss-both", "normals_cookie.txt", "normals_texture.txt"]
-        for category in ("cookie", "texture"):
-            normals = (shot / f"normals_{category}.txt").read_text().split()
-            train_good = sorted(s.image for s in data.read_split(dataset, category, "train"))
-            assert normals == [str(p) for p in (data.select_k_shot(train_good, 1, 0) if k == "1" else train_good)]
-            generated = shot / "generated" / category                      # a complete training set
+            ["generated", "loss-both", "normals_cookie.txt", "normals_rough texture.txt", "settings.json"]
+        for category in categories:
+            normals = (shot / f"normals_{category}.txt").read_text().splitlines()   # absolute: found from anywhere
+            assert normals == [str(p.resolve()) for p in (train_good[category] if k == "all"
+                                                           else data.select_k_shot(train_good[category], int(k), 0))]
+            generated = shot / "generated" / category   # a complete training set of exactly the k images' samples
             assert [p.name for p in data.list_images(generated / "train/good")] == [Path(n).name for n in normals]
-            assert [(s.defect, s.image.name) for s in data.read_split(shot / "generated", category, "test")] == \
-                [("damaged", f"{Path(n).stem}_0.png") for n in normals]
-            assert len(data.read_jsonl(generated / "meta.jsonl")) == len(normals)
+            samples = data.read_split(shot / "generated", category, "test")
+            assert [(s.defect, s.image.name) for s in samples] == [("damaged", f"{Path(n).stem}_0.png") for n in normals]
+            assert [Path(r["source"]).name for r in data.read_jsonl(generated / "meta.jsonl")] == \
+                [Path(n).name for n in normals]
+            files = [p for p in generated.rglob("*") if p.is_file()]
+            if k == "all":                          # generated into the run's own folder, byte for byte as the seed's
+                assert not any(p.is_symlink() for p in files)
+                for sample in samples:
+                    assert sample.image.read_bytes() == (pool / category / "test/damaged" / sample.image.name).read_bytes()
+            else:                                   # links into the seed's samples, nothing else
+                assert all(p.is_symlink() and pool in p.resolve().parents for p in files if p.name != "meta.jsonl")
             predictions = shot / "loss-both" / "predictions" / category
             tests = data.read_split(dataset, category, "test")
             assert len(list(predictions.rglob("*.tiff"))) == len(tests)
             assert (predictions / "scores.csv").read_text().count("\n") == len(tests) + 1
             assert json.loads((predictions / "k_shot.json").read_text())["images"] == \
-                [Path(n).relative_to(dataset / category).as_posix() for n in normals]   # the same normals
-        assert {"vlad.safetensors", "config.json", "train_state.safetensors"} <= \
-            {p.name for p in (shot / "loss-both" / "model").iterdir()}
+                [Path(n).relative_to((dataset / category).resolve()).as_posix() for n in normals]  # the same normals
+        n_normals = 2 if k == "all" else int(k)     # per category; N_FEW = N_FULL = 1 sample each
+        config = json.loads((shot / "loss-both" / "model" / "config.json").read_text())
+        assert config["n_samples"] == len(categories) * n_normals * 2 + n_aux   # trained on its own k images only
         result = json.loads((shot / "loss-both" / "metrics.json").read_text())
-        assert all(math.isfinite(result["categories"][c][m]) for c in ("cookie", "texture") for m in metrics.METRICS)
-        summary = (out / f"summary_k{k}_loss-both.txt").read_text()
+        assert all(math.isfinite(result["categories"][c][m]) for c in categories for m in metrics.METRICS)
+        summary = (out / f"summary_k{k}_loss-both_seeds-0.txt").read_text()
+        assert summary.splitlines()[0].startswith(f"k={k}, loss both, seeds 0: ")
         rows = e2e_summary_rows(summary)
-        assert list(rows) == ["cookie", "texture", "mean"]
+        assert list(rows) == ["cookie", "rough texture", "mean"]
         assert all(len(values) == 10 and all(map(math.isfinite, values)) for values in rows.values()), summary
-        assert summary.splitlines()[-1].startswith("paper: no row, the categories (cookie, texture) are neither")
+        assert summary.splitlines()[-1].startswith("paper: no row, the categories (cookie, rough texture) are neither")
 
-    # One token cache for the dataset: the first train computes every image; full-shot reuses the auxiliary ones.
+    # One token cache: k = 2 reuses what k = 1 cached (its image, its sample and the auxiliary ones), so nothing
+    # was evicted before the seed's last k; after it the seed's samples left, and full-shot computed its own.
     lines = e2e_token_cache_lines(first)
-    assert len(lines) == 2, "each `vlad.py train` prints 'token cache DIR: N computed, M reused'\n" + first
-    (folder_1, computed_1, reused_1), (folder_all, computed_all, reused_all) = lines
-    assert folder_1.resolve() == folder_all.resolve() == (out / "token_cache").resolve()
-    n_aux = len(data.read_split(aux, "tile", "test"))
-    assert (computed_1, reused_1) == (e2e_training_images(out / "k1_seed0", aux), 0)
-    assert computed_all + reused_all == e2e_training_images(out / "kall_seed0", aux)
-    assert reused_all >= n_aux  # and the normal image k = 1 also trained on, copied byte for byte
-    entries_before = len(list((out / "token_cache").rglob("*.safetensors")))  # EVICT_TOKENS=0: all kept
-    assert entries_before == computed_1 + computed_all
+    assert [folder.resolve() for folder, _, _ in lines] == [cache.resolve()] * 3, first
+    assert [(computed, reused) for _, computed, reused in lines] == [(4 + n_aux, 0), (4, 4 + n_aux), (8, n_aux)]
+    assert len(list(cache.rglob("*.safetensors"))) == n_aux   # EVICT_TOKENS=1: the auxiliary entries stay
 
-    # Table 4 with another LOSS: the same samples, nothing generated, every token reused; MVTec AD's row beside.
-    shared = {**e2e_files(out / "k1_seed0" / "generated"), **e2e_files(out / "k1_seed0" / "loss-both")}
-    second = reproduce(image)
+    # A changed N_FEW on this OUT: one sentence naming the setting and both values, before any work.
+    before = e2e_files(out)
+    refused = reproduce(dict(env, SHOTS="1", N_FEW="2"), status=2)
+    assert refused.stderr.strip().splitlines() == [
+        f"error: N_FEW='2' differs from N_FEW='1' in {out / 'k1_seed0' / 'settings.json'}, with which "
+        f"{out / 'k1_seed0'} was made; set N_FEW back to continue it, or choose another output folder."]
+    assert e2e_files(out) == before
+
+    # Table 4 with another LOSS: the same samples, nothing generated; MVTec AD's row beside it.
+    shared = {**e2e_files(out / "seed0"), **e2e_files(out / "k1_seed0" / "generated"),
+              **e2e_files(out / "k1_seed0" / "loss-both")}
+    second = reproduce(image).stdout
     assert "cut.py: wrote 0 samples, skipped 2 already complete" in second
-    assert {**e2e_files(out / "k1_seed0" / "generated"), **e2e_files(out / "k1_seed0" / "loss-both")} == shared
-    lines = e2e_token_cache_lines(second)
-    assert len(lines) == 1, second
-    [(folder, computed, reused)] = lines
-    assert (folder.resolve(), computed, reused) == \
-        ((out / "token_cache").resolve(), 0, e2e_training_images(out / "k1_seed0", aux))
-    # EVICT_TOKENS=1 (the default): once trained, k = 1's generated entries left the cache, the auxiliary stayed
-    assert len(list((out / "token_cache").rglob("*.safetensors"))) == \
-        entries_before - (e2e_training_images(out / "k1_seed0", aux) - n_aux)
+    assert {**e2e_files(out / "seed0"), **e2e_files(out / "k1_seed0" / "generated"),
+            **e2e_files(out / "k1_seed0" / "loss-both")} == shared
+    assert [(computed, reused) for _, computed, reused in e2e_token_cache_lines(second)] == [(4, n_aux)]
+    assert len(list(cache.rglob("*.safetensors"))) == 4 + n_aux   # EVICT_TOKENS=0: kept
     run = out / "k1_seed0" / "loss-image"
-    assert sorted(p.name for p in run.iterdir()) == ["metrics.json", "model", "predictions"]
-    assert not (out / "kall_seed0" / "loss-image").exists()
+    assert sorted(p.name for p in run.iterdir()) == ["metrics.json", "model", "predictions", "settings.json"]
+    assert not (out / "kall_seed0" / "loss-image").exists() and not (out / "k2_seed0" / "loss-image").exists()
     yours = json.loads((run / "metrics.json").read_text())["mean"]          # one seed: the summary's mean
-    lines = (out / "summary_k1_loss-image.txt").read_text().splitlines()
+    lines = (out / "summary_k1_loss-image_seeds-0.txt").read_text().splitlines()
     paper = metrics.PAPER["mvtec", "k1-image"]
     assert metrics_row(lines, "paper mean") == [f"{mean:.1f} ± {std:.1f}" for mean, std in paper.values()]
     assert metrics_row(lines, "mean - paper") == [f"{100 * yours[m] - paper[m][0]:+.1f}" for m in metrics.METRICS]
     assert "paper: MVTec AD, k = 1 trained with y_img only (arXiv 2406.01078v1, Table 4)" in lines[-2]
 
-    # The same command again: nothing generated, trained, predicted or written, anywhere in OUT.
+    # A run of seed 7 left in OUT by an earlier call, with other numbers; then the same command again: nothing
+    # generated, trained, predicted or written anywhere in OUT, and the summary still averages seed 0 alone.
+    shutil.copytree(out / "k1_seed0", out / "k1_seed7", symlinks=True)
+    other = json.loads((out / "k1_seed7/loss-image/metrics.json").read_text())
+    other["mean"] = {m: value / 2 for m, value in other["mean"].items()}
+    other["categories"] = {c: {m: v / 2 for m, v in values.items()} for c, values in other["categories"].items()}
+    (out / "k1_seed7/loss-image/metrics.json").write_text(json.dumps(other))
     summaries = {p.name: p.read_text() for p in out.glob("summary_*.txt")}
+    assert len(summaries) == 4
     before = e2e_files(out)
-    third = reproduce(image)
+    third = reproduce(image).stdout
     assert e2e_files(out) == before
-    assert {p.name: p.read_text() for p in out.glob("summary_*.txt")} == summaries and len(summaries) == 3
-    assert "cut.py: wrote 0 samples, skipped 2 already complete" in third and "already trained" in third
+    assert {p.name: p.read_text() for p in out.glob("summary_*.txt")} == summaries
+    assert "== seed=0: the runs of k = 1 with loss image are finished" in third    # no model even loaded
+    assert "cut.py" not in third and "vlad.py" not in third and not e2e_token_cache_lines(third)
+    assert "mean ± sample std over 1 run" in summaries["summary_k1_loss-image_seeds-0.txt"]

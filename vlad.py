@@ -713,10 +713,11 @@ def train(backbone: Backbone, samples: list[data.Sample], run, epochs: int = EPO
           lr: float = LR, seed: int = SEED, omega: float = OMEGA, gamma: float = FOCAL_GAMMA,
           alpha: float = FOCAL_ALPHA, beta: float = DICE_BETA, cache: str = "disk", extract_batch: int = 8,
           resume: bool = False, rank: int = 0, world: int = 1, progress: bool = True, extra_config=None,
-          terms: str = "both", cache_dir=None, report=None, evict=()) -> VLAD | None:
+          terms: str = "both", cache_dir=None, report=None, evict: list[data.Sample] = ()) -> VLAD | None:
     """Train the adapters on `samples`, checkpointing RUN after every epoch; returns the trained VLAD (None on
     a rank that only fills its share of the token cache). `report(TokenCache)` is called once it is filled;
-    `evict` (indices into samples) are deleted from the disk cache once the last epoch is saved."""
+    the disk cache entries of `evict` (training images no later run needs: this run's generated set, or a set
+    several runs shared once the last of them is trained) are deleted once the last epoch is saved."""
     run = Path(run)
     config = {
         "model": backbone.model_name, "pretrained": backbone.pretrained, "image_size": backbone.image_size,
@@ -751,8 +752,7 @@ def train(backbone: Backbone, samples: list[data.Sample], run, epochs: int = EPO
             write_derived_files(run, {k: v.contiguous() for k, v in vlad.state_dict().items()},
                                 {**config, "epoch": start_epoch}, log)
             if evict:  # a kill after the last checkpoint may have kept them; only their files are hashed
-                evicted = [samples[i] for i in evict]
-                TokenCache(backbone, evicted, cache, cache_dir, extract_batch).evict(range(len(evicted)))
+                TokenCache(backbone, list(evict), cache, cache_dir, extract_batch).evict(range(len(evict)))
             return vlad
 
     token_cache = TokenCache(backbone, samples, cache, cache_dir, extract_batch)
@@ -803,7 +803,8 @@ def train(backbone: Backbone, samples: list[data.Sample], run, epochs: int = EPO
                     "seconds": round(time.time() - started, 3)})
         config["epoch"] = epoch + 1
         save_checkpoint(run, vlad, optimizer, scheduler, config, log)  # the log line is part of the state
-    token_cache.evict(evict)
+    if evict:
+        TokenCache(backbone, list(evict), cache, cache_dir, extract_batch).evict(range(len(evict)))
     return vlad
 
 
@@ -956,7 +957,7 @@ def command_train(args) -> int:
     init_distributed(world, args.shard)
     if args.cache == "memory" and world > 1:
         raise DataError("--cache memory cannot be shared across shards; use --cache disk.")
-    for root in args.data + args.aux:
+    for root in args.data + args.aux + args.evict_tokens:
         if not Path(root).is_dir():
             raise DataError(f"{root}: no such dataset folder.")
     data.check_output_folder(args.out)  # before the model loads: a typo costs one sentence
@@ -979,7 +980,7 @@ def command_train(args) -> int:
     vlad = train(backbone, samples, args.out, args.epochs, args.batch_size, args.lr, args.seed, args.omega,
                  args.focal_gamma, args.focal_alpha, args.dice_beta, args.cache, args.extract_batch, args.resume,
                  rank, world, progress=not args.quiet, extra_config=extra, terms=args.loss, cache_dir=cache_dir,
-                 report=report, evict=range(len(training_samples(args.data, []))) if args.evict_data_tokens else ())
+                 report=report, evict=training_samples(args.evict_tokens, []) if args.evict_tokens else [])
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     if vlad is None:
@@ -1069,9 +1070,9 @@ def main(argv=None) -> int:
     train_parser.add_argument("--cache-dir", default=None, type=Path,
                               help="the disk cache, keyed by content and shareable by every run "
                                    "(default $XDG_CACHE_HOME/vlad/tokens or ~/.cache/vlad/tokens)")
-    train_parser.add_argument("--evict-data-tokens", action="store_true",
-                              help="once trained, delete the cache entries of the --data images (a generated set "
-                                   "one run trains on); the --aux entries stay for the next run")
+    train_parser.add_argument("--evict-tokens", action="append", default=[], type=Path, metavar="ROOT",
+                              help="once trained, delete the cache entries of ROOT's images, read as --data reads "
+                                   "them (a generated set no later run trains on); repeatable")
     train_parser.add_argument("--extract-batch", type=positive_int, default=8, help="images per backbone forward")
     train_parser.add_argument("--resume", action="store_true", help="continue RUN from its last epoch")
 
