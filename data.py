@@ -24,6 +24,7 @@ import contextlib
 import csv
 import errno
 import fcntl
+import io
 import json
 import os
 import random
@@ -294,13 +295,27 @@ def check_output_file(path, flag: str) -> None:
     check_output_folder(path.parent, f"{flag} {path}: its folder")
 
 
+def save_bytes(blob: bytes, path) -> None:
+    """Write bytes atomically (e.g. `safetensors.torch.save(tensors, metadata)`: written here, in place, so the
+    writer's lock holds until the rename and a full disk names the bytes needed)."""
+    with atomic_path(path, size=len(blob)) as temporary:
+        temporary.write_bytes(blob)
+
+
+def _encoded(image: Image.Image, **options) -> bytes:
+    """The file's bytes, encoded in memory: PIL's encoders ignore a short write (a full disk), so an image saved
+    straight to a file can be cut short without an error; Python's own write raises."""
+    buffer = io.BytesIO()
+    image.save(buffer, **options)
+    return buffer.getvalue()
+
+
 def save_image(image, path) -> None:
     """Save a PIL image or a uint8 array ((H, W) or (H, W, 3)) atomically; the format follows the suffix."""
     if isinstance(image, np.ndarray):
         image = Image.fromarray(np.ascontiguousarray(image))
     fmt = Image.registered_extensions().get(Path(path).suffix.lower(), "PNG")
-    with atomic_path(path) as temporary:
-        image.save(temporary, format=fmt)
+    save_bytes(_encoded(image, format=fmt), path)
 
 
 def save_mask(mask: np.ndarray, path) -> None:
@@ -316,8 +331,7 @@ def save_tiff(array: np.ndarray, path) -> None:
     array = np.asarray(array, dtype=np.float32)
     if array.ndim != 2:
         raise ValueError(f"{path}: an anomaly map must be (H, W), got shape {array.shape}")
-    with atomic_path(path) as temporary:
-        Image.fromarray(np.ascontiguousarray(array), mode="F").save(temporary, format="TIFF")
+    save_bytes(_encoded(Image.fromarray(np.ascontiguousarray(array), mode="F"), format="TIFF"), path)
 
 
 def load_tiff(path) -> np.ndarray:
@@ -327,15 +341,7 @@ def load_tiff(path) -> np.ndarray:
 
 
 def save_text(text: str, path) -> None:
-    with atomic_path(path) as temporary:
-        temporary.write_text(text, encoding="utf-8")
-
-
-def save_bytes(blob: bytes, path) -> None:
-    """Write bytes atomically (e.g. `safetensors.torch.save(tensors, metadata)`: written here, in place, so the
-    writer's lock holds until the rename and a full disk names the bytes needed)."""
-    with atomic_path(path, size=len(blob)) as temporary:
-        temporary.write_bytes(blob)
+    save_bytes(text.encode("utf-8"), path)
 
 
 def save_json(obj, path) -> None:

@@ -295,14 +295,19 @@ def run_on_a_small_disk(folder: Path, kilobytes: int, *args, fill: bool = False)
     return result
 
 
-def test_a_real_full_disk_is_one_sentence_and_leaves_no_temporary(tmp_path):
-    code = ("import sys; sys.path.insert(0, '.'); import data\n"
-            "try:\n    data.save_bytes(b'x' * 200_000, sys.argv[1] + '/big.bin')\n"
+@pytest.mark.parametrize("write", ["data.save_bytes(b'x' * 200_000, disk + '/big.bin')",
+                                   "data.save_image(noise, disk + '/big.png')",  # PIL ignores a short write
+                                   "data.save_tiff(noise[..., 0] / 255, disk + '/big.tiff')"])
+def test_a_real_full_disk_is_one_sentence_and_leaves_no_file(tmp_path, write):
+    code = ("import sys; sys.path.insert(0, '.'); import data, numpy\ndisk = sys.argv[1]\n"
+            "noise = numpy.random.default_rng(0).integers(0, 256, (160, 160, 3), dtype=numpy.uint8)\n"
+            f"try:\n    {write}\n"
             "except data.DataError as error:\n    print(error, file=sys.stderr); sys.exit(2)")
     result = run_on_a_small_disk(tmp_path / "disk", 64, "-c", code, tmp_path / "disk")
     assert result.returncode == 2, result.stderr
-    assert result.stderr.startswith(f"{tmp_path / 'disk'}: the disk is full (200,000 bytes needed, 0 bytes free)")
-    assert result.stdout == ""  # no file at all is left on the full disk
+    assert re.match(rf"{re.escape(str(tmp_path / 'disk'))}: the disk is full \([\d,]+ bytes needed, 0 bytes free\)",
+                    result.stderr), result.stderr
+    assert result.stdout == ""  # no file at all is left on the full disk: neither a temporary nor a cut-short one
 
 
 def test_jsonl_reader_ignores_torn_last_line(tmp_path):
@@ -907,7 +912,8 @@ def test_cli_json_on_a_full_disk_is_one_sentence_and_leaves_nothing(tmp_path):
                                  fill=True)
     assert result.returncode == 2, result.stderr
     error = result.stderr.strip().splitlines()
-    assert len(error) == 1 and error[0].startswith(f"error: {disk}: the disk is full (more space needed, 0 bytes free)")
+    assert len(error) == 1 and re.match(rf"error: {re.escape(str(disk))}: the disk is full \([\d,]+ bytes needed, "
+                                        rf"0 bytes free\)", error[0]), error
     assert result.stdout.splitlines() == [str(disk / "filler")]  # no json, no temporary
 
 
