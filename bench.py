@@ -416,8 +416,9 @@ def vlad_bench_one(model: str, image_size: int, device: str, precision: str, n_i
         print(f"{model} @ {image_size} px, {device} {precision}, {len(samples)} images, batch {vlad.BATCH_SIZE}:")
         print(f"  text features of one category:   {text_seconds:8.2f} s  (once, then cached)")
         print(f"  filling the token cache:         {fill_seconds:8.2f} s  (once per run)")
-        print(f"  8 images through the backbone:   {encode[0]:8.2f} s one by one, as vlad.py does, vs {encode[1]:.2f} s "
-              f"as one batch ({encode[0] / encode[1]:.2f}x{', CPU time' if device == 'cpu' else ''})")
+        print(f"  8 images through the backbone:   {encode[0]:8.2f} s one by one, as vlad.py does, "
+              f"vs {encode[1]:.2f} s as one batch ({encode[0] / encode[1]:.2f}x"
+              f"{', CPU time' if device == 'cpu' else ''})")
         print(f"  one epoch with cached tokens:    {epoch['disk']:8.2f} s")
         print(f"  one epoch without the cache:     {epoch['none']:8.2f} s  "
               f"({epoch['none'] / epoch['disk']:.0f}x slower)")
@@ -691,8 +692,8 @@ def bench_vlad_eq8_order(seeds=(0, 1, 2)) -> None:
                   f"({difference[anomalous].mean():.4f} on anomalous pixels, {difference[~anomalous].mean():.4f} on "
                   f"normal ones)")
             for name in maps:
-                print(f"    {name:8s} P-AUC {100 * values[name]['P-AUC']:6.2f}  P-F1 {100 * values[name]['P-F1']:6.2f}  "
-                      f"PRO {100 * values[name]['PRO']:6.2f}")
+                print(f"    {name:8s} P-AUC {100 * values[name]['P-AUC']:6.2f}  "
+                      f"P-F1 {100 * values[name]['P-F1']:6.2f}  PRO {100 * values[name]['PRO']:6.2f}")
 
 
 def bench_vlad(protocol: bool = False, bank: bool = False, loader: bool = False, eq8: bool = False) -> None:
@@ -733,7 +734,7 @@ def main(argv=None) -> int:
     vlad_parser.add_argument("--loader", action="store_true",
                              help="only image loading: images/s with 0 and the default number of DataLoader workers")
     vlad_parser.add_argument("--eq8", action="store_true",
-                             help="Eq. 8's order (softmax then upsample, or upsample then softmax) on a trained tiny VLAD")
+                             help="Eq. 8's two orders (softmax then upsample, or the reverse) on trained tiny VLADs")
     args = parser.parse_args(argv)
     if args.command == "metrics":
         bench_metrics()

@@ -2995,7 +2995,8 @@ def test_a_cache_fill_killed_midway_and_run_again_writes_the_entries_of_an_unint
         save_bytes(blob, path)
 
     monkeypatch.setattr(data, "save_bytes", killed_at_the_third_entry)
-    argv = vlad_train_args(vlad_tiny_clip, gen, killed / "run", "--epochs", "1", "--extract-batch", "2", "--workers", "2")
+    argv = vlad_train_args(vlad_tiny_clip, gen, killed / "run", "--epochs", "1", "--extract-batch", "2",
+                           "--workers", "2")
     with pytest.raises(KeyboardInterrupt):
         vlad.main(argv)
     monkeypatch.undo()
@@ -3021,10 +3022,11 @@ def test_an_unreadable_image_decoded_in_a_worker_is_one_sentence_naming_it(vlad_
     truncated = held_out / "texture/test/dark/003.png"
     truncated.write_bytes(truncated.read_bytes()[:200])
     capfd.readouterr()
-    for argv, name in ((vlad_train_args(vlad_tiny_clip, gen, tmp_path / "run", "--epochs", "1", "--extract-batch", "1",
-                                        "--workers", "2"), broken),
-                       (["predict", "--ckpt", str(vlad_trained_run["run"]), "--data", str(held_out), "--k-shot", "1",
-                         "--out", str(tmp_path / "pred"), "--batch-size", "2", "--workers", "2", "--quiet"], truncated)):
+    train = vlad_train_args(vlad_tiny_clip, gen, tmp_path / "run", "--epochs", "1", "--extract-batch", "1",
+                            "--workers", "2")
+    predict = ["predict", "--ckpt", str(vlad_trained_run["run"]), "--data", str(held_out), "--k-shot", "1",
+               "--out", str(tmp_path / "pred"), "--batch-size", "2", "--workers", "2", "--quiet"]
+    for argv, name in ((train, broken), (predict, truncated)):
         assert vlad.main(argv) == 2
         error = capfd.readouterr().err  # the file descriptor: a worker's own output would show here too
         assert error.startswith(f"error: {name}: cannot read the image") and "corrupt or truncated" in error, error
@@ -3402,7 +3404,8 @@ def test_memory_bank_is_built_batch_by_batch_and_predictions_are_the_same_bits_f
         assert tiff.read_bytes() == (tmp_path / "batches" / tiff.relative_to(tmp_path / "one_batch")).read_bytes()
     for name in ("scores.csv", *(str(p.relative_to(tmp_path / "one_batch/texture"))
                                  for p in (tmp_path / "one_batch/texture/overlay").rglob("*.png"))):
-        assert (tmp_path / "one_batch/texture" / name).read_bytes() == (tmp_path / "batches/texture" / name).read_bytes()
+        one, other = (tmp_path / "one_batch/texture" / name), (tmp_path / "batches/texture" / name)
+        assert one.read_bytes() == other.read_bytes(), name
 
 
 def test_memory_bank_rows_of_an_image_do_not_depend_on_its_batch_at_vit_l_width(tmp_path):
