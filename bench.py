@@ -5,10 +5,12 @@
                                    --full: SD 1.5's topology with random weights, 512x512 fp16, CUDA)
     python bench.py cut --full --device cpu   SD 1.5's topology in fp32 on the CPU: a few timed steps, and the
                                    seconds per sample extrapolated from them
-    python bench.py vlad           one epoch with and without the token cache; prediction images/s (k = 4);
-                                   the memory bank's peak memory (--bank: only that)
+    python bench.py vlad           image loading with 0 and N DataLoader workers (--loader: only that); one
+                                   epoch with and without the token cache; encoding one by one vs batched;
+                                   prediction images/s (k = 4); the memory bank's peak memory (--bank: only that)
     python bench.py vlad --protocol  reproduce.sh's shared token cache and generation shared across k: samples,
                                    unique entries and peak, measured at small scale, then MVTec AD's at ViT-L
+    python bench.py vlad --eq8     Eq. 8's two orders (softmax then upsample, or the reverse) on trained tiny VLADs
 
 metrics: 1,725 maps of 256x256 float32 (MVTec AD's test set: 1,258 anomalous images), blob-shaped masks,
 seed 0; peak memory by tracemalloc (the most numpy allocated during the call, above what was there before).
@@ -31,8 +33,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import argparse
+import contextlib
 import hashlib
+import io
 import logging
+import math
 import multiprocessing
 import resource
 import sys
@@ -43,6 +48,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 import data
 import metrics
@@ -361,6 +367,35 @@ def vlad_bench_dataset(root: Path, n_images: int, size: int, seed: int = 0) -> P
                                        n_bad=n_images - n_images // 2, size=(size, size), seed=seed)
 
 
+def vlad_encode_one_by_one_vs_batched(backbone, repeats: int = 3) -> tuple[float, float]:
+    """Seconds for 8 images through the ViT one by one (Backbone.encode_images, which makes every image's tokens
+    independent of its batch) and as one batch of 8 (the same forward, batched): the least of `repeats`, taken
+    in turn. On the CPU the process's CPU time, which other jobs on a shared machine do not inflate; on CUDA the
+    wall time after a synchronize."""
+    pixels = torch.randn(8, 3, backbone.image_size, backbone.image_size, generator=torch.Generator().manual_seed(0))
+    cuda = backbone.device.type == "cuda"
+    clock = time.perf_counter if cuda else time.process_time
+
+    def batched():
+        return backbone.model.visual.forward_intermediates(
+            pixels.to(backbone.device, backbone.dtype), indices=[s - 1 for s in backbone.stages],
+            normalize_intermediates=False, output_fmt="NLC")
+
+    forwards = (lambda: backbone.encode_images(pixels), batched)
+    seconds = [math.inf, math.inf]
+    with torch.no_grad():
+        for forward in forwards:
+            forward()  # warm-up
+        for _ in range(repeats):
+            for i, forward in enumerate(forwards):
+                started = clock()
+                forward()
+                if cuda:
+                    torch.cuda.synchronize()
+                seconds[i] = min(seconds[i], clock() - started)
+    return seconds[0], seconds[1]
+
+
 def vlad_bench_one(model: str, image_size: int, device: str, precision: str, n_images: int = 64,
                    n_predict: int = 16) -> None:
     backbone = vlad.Backbone(model, None, image_size, device=device, precision=precision)  # random weights
@@ -374,6 +409,7 @@ def vlad_bench_one(model: str, image_size: int, device: str, precision: str, n_i
         started = time.perf_counter()
         vlad.TokenCache(backbone, samples, "disk", folder / "tokens").fill(progress=False)
         fill_seconds = time.perf_counter() - started
+        encode = vlad_encode_one_by_one_vs_batched(backbone)
         epoch = {}
         for cache in ("disk", "none"):
             vlad.train(backbone, samples, folder / f"run_{cache}", epochs=1, cache=cache, progress=False,
@@ -382,6 +418,9 @@ def vlad_bench_one(model: str, image_size: int, device: str, precision: str, n_i
         print(f"{model} @ {image_size} px, {device} {precision}, {len(samples)} images, batch {vlad.BATCH_SIZE}:")
         print(f"  text features of one category:   {text_seconds:8.2f} s  (once, then cached)")
         print(f"  filling the token cache:         {fill_seconds:8.2f} s  (once per run)")
+        print(f"  8 images through the backbone:   {encode[0]:8.2f} s one by one, as vlad.py does, "
+              f"vs {encode[1]:.2f} s as one batch ({encode[0] / encode[1]:.2f}x"
+              f"{', CPU time' if device == 'cpu' else ''})")
         print(f"  one epoch with cached tokens:    {epoch['disk']:8.2f} s")
         print(f"  one epoch without the cache:     {epoch['none']:8.2f} s  "
               f"({epoch['none'] / epoch['disk']:.0f}x slower)")
@@ -623,15 +662,143 @@ def bench_vlad_protocol() -> None:
     print(f"    with eviction (reproduce.sh's default), the most at once: {gb(shared['peak_evicting'])}")
 
 
-def bench_vlad(protocol: bool = False, bank: bool = False) -> None:
+def vlad_loader_images(folder: Path, n: int, seed: int = 0) -> tuple[list[Path], list[Path], list[Path]]:
+    """Photo-like test files from examples/cookie_1.png: n 1024 x 1024 PNGs (an MVTec AD image's size), and n
+    512 x 512 generated samples with their soft masks (what cut.py writes). Each is shifted, flipped and given
+    sensor-like noise, so the files differ and compress as photos do (about 1.6 MB per 1024 x 1024 PNG)."""
+    rng = np.random.default_rng(seed)
+    cookie = data.load_image(Path(__file__).resolve().parent / "examples/cookie_1.png")
+    photos, samples, masks = [], [], []
+    for i in range(n):
+        for side, names in ((1024, photos), (512, samples)):
+            base = np.asarray(cookie.resize((side, side), Image.BICUBIC), dtype=np.float32)
+            base = np.roll(base[:, ::-1] if i % 2 else base, int(rng.integers(side)), axis=1)
+            pixels = np.clip(base + rng.normal(0, 3, base.shape), 0, 255).astype(np.uint8)
+            names.append(folder / f"{side}" / f"{i:03d}.png")
+            data.save_image(pixels, names[-1])
+        yy, xx = np.mgrid[:512, :512]
+        distance = np.hypot(yy - rng.uniform(100, 412), xx - rng.uniform(100, 412)) / 80
+        masks.append(folder / "512" / f"{i:03d}_mask.png")
+        data.save_mask(np.clip(1.3 - distance, 0, 1) * (distance <= 1), masks[-1])
+    return photos, samples, masks
+
+
+def bench_vlad_loader(n_images: int = 96) -> None:
+    """vlad.py's loading alone (decode, RGB, resize to 518, normalize; y_pix from the soft mask) through
+    vlad.image_batches, in the main process and in --workers' default number of DataLoader workers, batches of
+    8, after one warm-up pass (the files in the page cache, as on a second epoch): images per second and their
+    ratio, and the CPU time per image in each case (workers: their own CPU time, counted once they exit), which
+    other jobs on a shared machine do not inflate: with N idle cores, N workers decode N x (main's CPU time /
+    a worker's) as fast."""
+    from open_clip.constants import OPENAI_DATASET_MEAN as mean, OPENAI_DATASET_STD as std  # ViT-L-14's openai
+
+    torch.set_num_threads(1)
+    workers = vlad.default_workers()
+
+    def cpu_seconds(who) -> float:
+        usage = resource.getrusage(who)
+        return usage.ru_utime + usage.ru_stime
+
+    with tempfile.TemporaryDirectory() as folder:
+        photos, samples, masks = vlad_loader_images(Path(folder), n_images)
+        megabytes = sum(p.stat().st_size for p in photos) / len(photos) / 1e6
+        cases = [(f"1024 x 1024 PNG ({megabytes:.1f} MB)", vlad.ImageDataset(photos, vlad.IMAGE_SIZE, mean, std)),
+                 ("512 x 512 generated sample + soft mask",
+                  vlad.ImageDataset(samples, vlad.IMAGE_SIZE, mean, std, masks=masks))]
+        print(f"vlad loading alone (to {vlad.IMAGE_SIZE} px), {n_images} images in batches of 8, "
+              f"{os.cpu_count()} CPUs (load average {os.getloadavg()[0]:.1f} before), {workers} workers "
+              f"(the default here):")
+        for name, dataset in cases:
+            batches = vlad.index_batches(len(dataset), 8)
+            rate, cpu_ms = {}, {}
+            for count in (0, workers):
+                list(vlad.image_batches(dataset, batches, count))  # warm-up: page cache, allocator
+                who = resource.RUSAGE_CHILDREN if count else resource.RUSAGE_SELF
+                started, cpu_started = time.perf_counter(), cpu_seconds(who)
+                for _ in vlad.image_batches(dataset, batches, count):
+                    pass
+                rate[count] = len(dataset) / (time.perf_counter() - started)
+                cpu_ms[count] = 1000 * (cpu_seconds(who) - cpu_started) / len(dataset)
+            print(f"  {name:40s} {rate[0]:5.1f} images/s with 0 workers, {rate[workers]:5.1f} with {workers} "
+                  f"({rate[workers] / rate[0]:.2f}x); CPU per image {cpu_ms[0]:5.1f} ms in the main process, "
+                  f"{cpu_ms[workers]:5.1f} ms in a worker ({cpu_ms[workers] / cpu_ms[0]:.2f}x)")
+
+
+def vlad_eq8_maps(run: Path, held_out: Path, size: int) -> tuple[dict[str, list], list[np.ndarray]]:
+    """M_VL of every held-out test image at its own size in both orders of Eq. 8, and the masks."""
+    backbone, detector, _ = vlad.load_detector(run)
+    text = backbone.text_features("texture")  # (2, C)
+    maps, masks = {"paper": [], "vlad.py": []}, []
+    for sample in data.read_split(held_out, "texture", "test"):
+        image = data.load_image(sample.image)
+        tokens, _ = backbone.encode_images(backbone.preprocess(image)[None])
+        with torch.no_grad():
+            features = detector.patch_features(tokens)  # L x (1, N, C)
+        side = int(features[0].shape[1] ** 0.5)
+        paper = sum(torch.nn.functional.interpolate(  # softmax per patch, then the probability upsampled
+            (100.0 * f[0] @ text.T).softmax(dim=-1)[:, 1].reshape(1, 1, side, side), size=(size, size),
+            mode="bilinear", align_corners=False)[0, 0] for f in features)
+        ours = vlad.vision_language_maps(features, text[None], size).sum(dim=1)[0]
+        for name, anomaly_map in (("paper", paper), ("vlad.py", ours)):
+            maps[name].append(torch.nn.functional.interpolate(  # at the image's size, as predict writes it
+                anomaly_map[None, None], size=(image.height, image.width), mode="bilinear",
+                align_corners=False)[0, 0].numpy())
+        masks.append(np.zeros((image.height, image.width)) if sample.mask is None else data.load_mask(sample.mask))
+    return maps, masks
+
+
+def bench_vlad_eq8_order(seeds=(0, 1, 2)) -> None:
+    """Eq. 8's two orders on trained tiny VLADs (the tests' 4-block CLIP at 112 px, 7 x 7 patches of 16, trained
+    12 epochs on soft-mask anomalies, one run per seed), on 30 held-out images at 120 x 100 as predict writes
+    them: the paper's (softmax per patch, then upsample the abnormal probability) against vlad.py's (upsample
+    the two logits, then softmax, as APRIL-GAN; the losses need the logits at pixel resolution). M_VL alone
+    (zero-shot), where the order is the only difference."""
+    from test_all import VLAD_TINY_SIZE, build_tiny_clip, vlad_make_synthetic_dataset
+
+    torch.set_num_threads(1)
+    logging.disable(logging.WARNING)
+    size = VLAD_TINY_SIZE
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        model = build_tiny_clip(folder / "clip")
+        gen = vlad_make_synthetic_dataset(folder / "gen", n_train=4, n_good=0, n_bad=12, soft=True, seed=1)
+        held_out = vlad_make_synthetic_dataset(folder / "held_out", n_train=0, n_good=10, n_bad=20, size=(120, 100),
+                                               seed=2)
+        print("Eq. 8's order on trained tiny VLADs, 30 held-out images, M_VL in [0, 4] (4 stages), in %:")
+        for seed in seeds:
+            run = folder / f"run_{seed}"
+            with contextlib.redirect_stdout(io.StringIO()):  # its summary lines are not this benchmark's
+                assert vlad.main(["train", "--data", str(gen), "--out", str(run), "--model", model, "--image-size",
+                                  str(size), "--epochs", "12", "--lr", "1e-3", "--batch-size", "4", "--seed",
+                                  str(seed), "--workers", "0", "--quiet", "--cache-dir", str(folder / "tokens")]) == 0
+            maps, masks = vlad_eq8_maps(run, held_out, size)
+            difference = np.abs(np.stack(maps["paper"]) - np.stack(maps["vlad.py"]))
+            anomalous = np.stack(masks) > 0
+            values = {name: metrics.pixel_metrics(maps[name], masks) for name in maps}
+            print(f"  seed {seed}: |paper - vlad.py| max {difference.max():.3f}, mean {difference.mean():.4f} "
+                  f"({difference[anomalous].mean():.4f} on anomalous pixels, {difference[~anomalous].mean():.4f} on "
+                  f"normal ones)")
+            for name in maps:
+                print(f"    {name:8s} P-AUC {100 * values[name]['P-AUC']:6.2f}  "
+                      f"P-F1 {100 * values[name]['P-F1']:6.2f}  PRO {100 * values[name]['PRO']:6.2f}")
+
+
+def bench_vlad(protocol: bool = False, bank: bool = False, loader: bool = False, eq8: bool = False) -> None:
+    if eq8:
+        bench_vlad_eq8_order()
+        return
     if protocol:
         bench_vlad_protocol()
         return
     if bank:
         bench_vlad_memory_bank()
         return
+    if loader:
+        bench_vlad_loader()
+        return
     torch.set_num_threads(1)
     logging.disable(logging.WARNING)  # open_clip warns that the weights are random, which is the point here
+    bench_vlad_loader()
     vlad_bench_one("ViT-B-16", 224, "cpu", "fp32")
     if torch.cuda.is_available():
         vlad_bench_one("ViT-L-14-quickgelu", 518, "cuda", "fp16", n_images=64, n_predict=64)
@@ -651,6 +818,10 @@ def main(argv=None) -> int:
     vlad_parser.add_argument("--protocol", action="store_true",
                              help="reproduce.sh's shared token cache: bytes per image and the protocol's total")
     vlad_parser.add_argument("--bank", action="store_true", help="only the memory bank's peak memory")
+    vlad_parser.add_argument("--loader", action="store_true",
+                             help="only image loading: images/s with 0 and the default number of DataLoader workers")
+    vlad_parser.add_argument("--eq8", action="store_true",
+                             help="Eq. 8's two orders (softmax then upsample, or the reverse) on trained tiny VLADs")
     args = parser.parse_args(argv)
     if args.command == "metrics":
         bench_metrics()
@@ -664,7 +835,7 @@ def main(argv=None) -> int:
             return 2
         bench_cut(full=args.full)
     else:
-        bench_vlad(protocol=args.protocol, bank=args.bank)
+        bench_vlad(protocol=args.protocol, bank=args.bank, loader=args.loader, eq8=args.eq8)
     return 0
 
 
