@@ -3298,16 +3298,17 @@ def test_each_epoch_sees_another_order_of_the_samples_and_a_resumed_run_the_same
                                                                                         monkeypatch):
     gen = vlad_make_synthetic_dataset(tmp_path / "gen", n_train=2, n_good=0, n_bad=4, soft=True)  # 6 images
     images = sorted(str(s.image) for s in vlad.training_samples([gen], []))
-    batches, get = [], vlad.TokenCache.get
+    batches, read = [], vlad.TokenCache.batches
 
-    def recording_get(self, indices):                         # what each training step is fed, in order
-        batches.append([str(self.samples[i].image) for i in indices])
-        return get(self, indices)
+    def recording_batches(self, indices):                     # what each training step is fed, in order
+        for step, batch in zip(indices, read(self, indices)):
+            batches.append([str(self.samples[i].image) for i in step])
+            yield batch
 
     def orders() -> list[list[str]]:                          # batch size 4: two steps per epoch
         return [batches[step] + batches[step + 1] for step in range(0, len(batches), 2)]
 
-    monkeypatch.setattr(vlad.TokenCache, "get", recording_get)
+    monkeypatch.setattr(vlad.TokenCache, "batches", recording_batches)
     assert vlad.main(vlad_train_args(vlad_tiny_clip, gen, tmp_path / "straight", "--epochs", "3")) == 0
     straight = orders()
     assert len(straight) == 3 and all(sorted(order) == images for order in straight)  # each image once an epoch
