@@ -3279,6 +3279,26 @@ def test_bad_stages_and_zero_sizes_are_one_clear_message_without_traceback(vlad_
     assert not (tmp_path / "run").exists() and not (tmp_path / "pred").exists()
 
 
+def test_train_numbers_are_checked_at_parse_time_in_one_sentence(tmp_path, capsys):
+    missing_model = "local-dir:" + str(tmp_path / "no_model")  # never reached: the parser refuses first
+    for flag, value, complaint in (("--epochs", "-1", "whole number of at least 0"), ("--epochs", "2.5", "whole"),
+                                   ("--lr", "nan", "above 0"), ("--lr", "-1", "above 0"), ("--lr", "inf", "finite"),
+                                   ("--lr", "0", "above 0"), ("--omega", "-0.5", "at least 0"),
+                                   ("--focal-gamma", "nan", "at least 0"), ("--focal-alpha", "1.5", "at most 1"),
+                                   ("--dice-beta", "0", "above 0"), ("--image-size", "0", "at least 1"),
+                                   ("--seed", "-3", "at least 0")):
+        with pytest.raises(SystemExit) as exit_info:
+            vlad.main(vlad_train_args(missing_model, tmp_path / "gen", tmp_path / "run", flag, value))
+        assert exit_info.value.code == 2
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert flag in error and complaint in error and repr(value) in error and "Traceback" not in error, error
+    assert not (tmp_path / "run").exists() and not (tmp_path / "tokens").exists()
+    # the boundaries themselves are values a user may mean: --epochs 0 (the untrained detector), --omega 0 (no
+    # pixel terms), alpha 0 and 1
+    assert vlad.number(int, 0)("0") == 0 and vlad.number(float, 0)("0") == 0.0
+    assert vlad.number(float, 0, 1)("1") == 1.0 and vlad.number(float, 0, above=True)("1e-9") == 1e-9
+
+
 # =========================================================================================================
 # The paper's protocol end to end: reproduce.sh chains cut.py -> vlad.py train -> predict -> metrics.py
 # through folders only, as subprocesses, on tiny models; one category is real photos (examples/)

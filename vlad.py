@@ -928,12 +928,29 @@ def init_distributed(world: int, shard: str | None) -> None:
         torch.distributed.init_process_group("gloo")
 
 
-def positive_int(text: str) -> int:
-    """argparse type of batch and chunk sizes: 0 would divide by zero or never advance a loop."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
-    return value
+def number(convert: type, minimum: float, maximum: float | None = None, above: bool = False):
+    """An argparse type: a finite int or float from `minimum` (or above it) to `maximum`. Checked at parse time,
+    so `--epochs -1` (which trained nothing), `--lr nan` and `--lr -1` (a traceback mid-run) are one sentence
+    before a model loads."""
+    what = "a whole number" if convert is int else "a finite number"
+    bounds = (f"above {minimum:g}" if above else f"of at least {minimum:g}") + \
+        (f" and at most {maximum:g}" if maximum is not None else "")
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and (value > minimum if above else value >= minimum)
+                and (maximum is None or value <= maximum)):
+            raise argparse.ArgumentTypeError(f"expected {what} {bounds}, got {text!r}")
+        return value
+
+    return parse
+
+
+positive_int = number(int, 1)  # batch and chunk sizes, image and map sides: 0 would never advance a loop
+SEED_TYPE = number(int, 0, 2**32 - 1)  # torch, numpy and random all take it
 
 
 def stage_list(text: str) -> list[int]:
@@ -1051,19 +1068,24 @@ def main(argv=None) -> int:
                               help="auxiliary MVTec-layout root: its test split only; repeatable")
     train_parser.add_argument("--out", required=True, type=Path, help="run folder for checkpoint and log")
     backbone_flags(train_parser, defaults=True)
-    train_parser.add_argument("--image-size", type=int, default=IMAGE_SIZE, help="input side (default 518: 37 x 37 patches of 14)")
+    train_parser.add_argument("--image-size", type=positive_int, default=IMAGE_SIZE,
+                              help="input side (default 518: 37 x 37 patches of 14)")
     train_parser.add_argument("--stages", default=None, type=stage_list,
                               help="distinct 1-based blocks, e.g. 6,12,18,24 (default: quarter depths)")
-    train_parser.add_argument("--epochs", type=int, default=EPOCHS, help="(default 200)")
+    train_parser.add_argument("--epochs", type=number(int, 0), default=EPOCHS,
+                              help="(default 200; 0 writes the untrained, zero-shot detector)")
     train_parser.add_argument("--batch-size", type=positive_int, default=BATCH_SIZE, help="(default 16)")
-    train_parser.add_argument("--lr", type=float, default=LR, help="Adam learning rate (default 1e-4)")
-    train_parser.add_argument("--omega", type=float, default=OMEGA, help="Eq. 7 pixel-loss weight (default 6)")
+    train_parser.add_argument("--lr", type=number(float, 0, above=True), default=LR,
+                              help="Adam learning rate (default 1e-4)")
+    train_parser.add_argument("--omega", type=number(float, 0), default=OMEGA,
+                              help="Eq. 7 pixel-loss weight (default 6)")
     train_parser.add_argument("--loss", default="both", choices=LOSS_TERMS,
                               help="loss terms: both (Eq. 7), image (y_img only) or pixel (y_pix only); Table 4")
-    train_parser.add_argument("--focal-gamma", type=float, default=FOCAL_GAMMA, help="(default 2)")
-    train_parser.add_argument("--focal-alpha", type=float, default=FOCAL_ALPHA, help="(default 0.25)")
-    train_parser.add_argument("--dice-beta", type=float, default=DICE_BETA, help="Eq. 6 beta (default 1)")
-    train_parser.add_argument("--seed", type=int, default=SEED, help="adapter init and shuffle (default 0)")
+    train_parser.add_argument("--focal-gamma", type=number(float, 0), default=FOCAL_GAMMA, help="(default 2)")
+    train_parser.add_argument("--focal-alpha", type=number(float, 0, 1), default=FOCAL_ALPHA, help="(default 0.25)")
+    train_parser.add_argument("--dice-beta", type=number(float, 0, above=True), default=DICE_BETA,
+                              help="Eq. 6 beta (default 1)")
+    train_parser.add_argument("--seed", type=SEED_TYPE, default=SEED, help="adapter init and shuffle (default 0)")
     train_parser.add_argument("--cache", default="disk", choices=["disk", "memory", "none"],
                               help="where the frozen backbone's tokens live (none: recompute every batch)")
     train_parser.add_argument("--cache-dir", default=None, type=Path,
@@ -1079,7 +1101,8 @@ def main(argv=None) -> int:
     predict_parser.add_argument("--ckpt", required=True, type=Path, help="run folder written by train")
     predict_parser.add_argument("--data", required=True, type=Path, help="MVTec-layout root to evaluate")
     predict_parser.add_argument("--k-shot", default="0", help="normal images for the memory bank: 0, k or all")
-    predict_parser.add_argument("--seed", type=int, default=SEED, help="which k normal images (data.select_k_shot)")
+    predict_parser.add_argument("--seed", type=SEED_TYPE, default=SEED,
+                                help="which k normal images (data.select_k_shot)")
     predict_parser.add_argument("--out", required=True, type=Path, help="prediction root (MVTec layout)")
     predict_parser.add_argument("--category", action="append", default=None, help="only these; repeatable")
     predict_parser.add_argument("--batch-size", type=positive_int, default=8)
