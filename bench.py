@@ -388,8 +388,8 @@ def vlad_bench_one(model: str, image_size: int, device: str, precision: str, n_i
         predict_root = vlad_bench_dataset(folder / "predict", n_predict, image_size, seed=1)
         for k in (0, 4):
             started = time.perf_counter()
-            vlad.predict_category(backbone, detector, predict_root, "texture", k, 0, folder / f"pred_{k}",
-                                  progress=False)
+            prediction = vlad.plan_category(predict_root, "texture", k, 0, folder / f"pred_{k}", map_size=None)
+            vlad.predict_set(backbone, detector, prediction, progress=False)
             seconds = time.perf_counter() - started
             print(f"  prediction, k = {k}:               {n_predict / seconds:8.2f} images/s  "
                   f"({n_predict} images incl. TIFF + overlay writes{' and the 4-image bank' if k else ''})")
