@@ -8,6 +8,7 @@
     python bench.py vlad           one epoch with and without the token cache; prediction images/s (k = 4);
                                    the memory bank's peak memory (--bank: only that)
     python bench.py vlad --protocol  reproduce.sh's shared token cache: bytes per entry, the protocol's total
+    python bench.py vlad --predict-io  predict's work per 1024 px image besides the backbone, and a cache read
 
 metrics: 1,725 maps of 256x256 float32 (MVTec AD's test set: 1,258 anomalous images), blob-shaped masks,
 seed 0; peak memory by tracemalloc (the most numpy allocated during the call, above what was there before).
@@ -536,7 +537,68 @@ def bench_vlad_protocol() -> None:
           f"(k = 4: {largest + VISA_TEST:,} entries = {(largest + VISA_TEST) * vit_l / 1e9:,.0f} GB)")
 
 
-def bench_vlad(protocol: bool = False, bank: bool = False) -> None:
+def bench_vlad_predict_io(n_images: int = 8) -> None:
+    """Why predict does not read the token cache: per test image of MVTec AD's size (a 1024 x 1024 PNG, the example
+    cookie enlarged), what predict spends besides the backbone, none of which a cache entry replaces (the map and
+    overlay are written at the image's size, so it is decoded anyway), against what reading one ViT-L-14 / 518 px
+    entry costs, from the page cache and from the disk (its pages dropped with posix_fadvise)."""
+    from safetensors.torch import load_file, save_file
+    from PIL import Image
+
+    torch.set_num_threads(1)
+    photo = data.load_image(Path(__file__).resolve().parent / "examples/cookie_1.png").resize((1024, 1024),
+                                                                                               Image.BICUBIC)
+    timings: dict[str, float] = {}
+
+    def timed(name: str, function, *args):
+        started = time.perf_counter()
+        result = function(*args)
+        timings[name] = timings.get(name, 0.0) + (time.perf_counter() - started) * 1000 / n_images
+        return result
+
+    with tempfile.TemporaryDirectory(dir=".") as folder:  # on the disk the user works on, not a RAM-backed /tmp
+        folder = Path(folder)
+        side, n_tokens = 518, (518 // 14) ** 2
+        generator = torch.Generator().manual_seed(0)
+        for i in range(n_images):
+            path = folder / f"{i}.png"
+            data.save_image(np.asarray(photo.rotate(i)), path)  # other content each: no cached decode
+            image = timed("decode the PNG (data.load_image)", data.load_image, path)
+            timed("sha256 of the file (a cache key)", vlad.file_sha256, path)
+            timed("preprocess to 518 x 518", vlad.preprocess, image, side, (0.5,) * 3, (0.5,) * 3)
+            grid = torch.rand(side // 14, side // 14, generator=generator)  # as smooth as Eq. 8's maps
+            anomaly_map = torch.nn.functional.interpolate(grid[None, None] * 8, size=(side, side), mode="bilinear")
+            photo_map = vlad.Photo(path, f"maps/{i}.tiff", f"overlay/{i}.png", path.name, None)
+            timed("map, TIFF and overlay (write_outputs)", vlad.write_outputs, folder, photo_map, np.asarray(image),
+                  anomaly_map[0, 0], 8)
+            entry = {"tokens": torch.rand(4, n_tokens, 1024, generator=generator).half(),
+                     "embedding": torch.rand(768, generator=generator).half(),
+                     "y_pix": torch.zeros(side, side, dtype=torch.uint8), "y_img": torch.zeros(())}
+            save_file(entry, str(folder / f"{i}.safetensors"))
+        def read(path):  # load_file maps the file; touching every byte is what a training step does
+            return {name: tensor.clone() for name, tensor in load_file(str(path)).items()}
+
+        for i in range(n_images):
+            timed("read an entry, page cache", read, folder / f"{i}.safetensors")
+        for i in range(n_images):
+            handle = os.open(folder / f"{i}.safetensors", os.O_RDONLY)
+            os.fsync(handle)
+            os.posix_fadvise(handle, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(handle)
+            timed("read an entry, disk", read, folder / f"{i}.safetensors")
+        entry_bytes = (folder / "0.safetensors").stat().st_size
+    print(f"vlad predict, per 1024 x 1024 test image, CPU, one thread ({n_images} images):")
+    for name, milliseconds in timings.items():
+        print(f"  {name:36s} {milliseconds:8.1f} ms")
+    kept = sum(v for k, v in timings.items() if not k.startswith(("read", "sha256")))
+    print(f"  predict's work that a cache entry cannot replace: {kept:.0f} ms; the entry ({entry_bytes:,} bytes) "
+          f"could replace one ViT-L forward")
+
+
+def bench_vlad(protocol: bool = False, bank: bool = False, predict_io: bool = False) -> None:
+    if predict_io:
+        bench_vlad_predict_io()
+        return
     if protocol:
         bench_vlad_protocol()
         return
@@ -564,6 +626,8 @@ def main(argv=None) -> int:
     vlad_parser.add_argument("--protocol", action="store_true",
                              help="reproduce.sh's shared token cache: bytes per image and the protocol's total")
     vlad_parser.add_argument("--bank", action="store_true", help="only the memory bank's peak memory")
+    vlad_parser.add_argument("--predict-io", action="store_true",
+                             help="predict's work per image besides the backbone, and a token-cache read")
     args = parser.parse_args(argv)
     if args.command == "metrics":
         bench_metrics()
@@ -577,7 +641,7 @@ def main(argv=None) -> int:
             return 2
         bench_cut(full=args.full)
     else:
-        bench_vlad(protocol=args.protocol, bank=args.bank)
+        bench_vlad(protocol=args.protocol, bank=args.bank, predict_io=args.predict_io)
     return 0
 
 

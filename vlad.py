@@ -1107,6 +1107,20 @@ def write_scores(prediction: PredictionSet, full_scale: int) -> bool:
     return True
 
 
+def write_outputs(folder: Path, photo: Photo, image: np.ndarray, anomaly_map: torch.Tensor, full_scale: int) -> None:
+    """One image's outputs: its map, upsampled from the input size (S, S) to the image's (H, W, 3) (already at its
+    map size), as a float32 TIFF, and its overlay on the fixed colour scale as a PNG compressed fast (zlib level 1:
+    PIL's default level 6 takes 5x as long for a 1024 x 1024 photo, 1.41 s against 0.29 s here, for 14% fewer
+    bytes)."""
+    height, width = image.shape[:2]
+    full = F.interpolate(anomaly_map[None, None].float(), size=(height, width), mode="bilinear",
+                         align_corners=False)[0, 0].cpu().numpy()
+    data.save_tiff(full, folder / photo.map)
+    with data.atomic_path(folder / photo.overlay) as temporary:
+        Image.fromarray(data.overlay(image, np.clip(full / full_scale, 0.0, 1.0))).save(temporary, format="PNG",
+                                                                                         compress_level=1)
+
+
 def predict_set(backbone: Backbone, vlad: VLAD, prediction: PredictionSet, rank: int = 0, world: int = 1,
                 batch_size: int = 8, chunk: int = NN_CHUNK, progress: bool = True,
                 bank_dtype: torch.dtype = torch.float32) -> dict:
@@ -1137,14 +1151,10 @@ def predict_set(backbone: Backbone, vlad: VLAD, prediction: PredictionSet, rank:
         anomaly_map, score = vlad.detect(tokens, embedding, text.expand(len(batch), -1, -1), backbone.image_size,
                                          memory_bank, chunk)
         for photo, image, map_s, score_s in zip(batch, images, anomaly_map, score):
-            width, height = map_shape(image.size, prediction.map_size)  # the image's aspect ratio, always
-            full = F.interpolate(map_s[None, None].float(), size=(height, width), mode="bilinear",
-                                 align_corners=False)[0, 0].cpu().numpy()
-            data.save_tiff(full, folder / photo.map)
-            shown = image if image.size == (width, height) else image.resize((width, height), Image.BICUBIC)
-            heat = np.clip(full / full_scale, 0.0, 1.0)
-            data.save_image(data.overlay(np.asarray(shown), heat), folder / photo.overlay)
-            data.append_jsonl({"path": photo.map, "score": float(score_s)}, part)
+            size = map_shape(image.size, prediction.map_size)  # the image's aspect ratio, always
+            write_outputs(folder, photo, np.asarray(image if image.size == size else image.resize(size, Image.BICUBIC)),
+                          map_s, full_scale)
+            data.append_jsonl({"path": photo.map, "score": float(score_s)}, part)  # after its files: it is done
         bar.update(len(batch))
     bar.close()
     return {"name": prediction.object_name, "k": len(prediction.references), "images": len(jobs),
