@@ -1309,8 +1309,9 @@ def command_predict(args) -> int:
     checkpoint = str(Path(args.ckpt).resolve())
     provenance = {"checkpoint": checkpoint, "epoch": config.get("epoch"), "backbone": config["backbone"],
                   "adapters_sha256": adapters_sha256(vlad)}
-    detector = (f"{checkpoint} (epoch {config.get('epoch')}); backbone {config['model']} with "
-                f"{config['pretrained'] or 'its own weights'} at {config['image_size']} px, stages {config['stages']}")
+    detector = (f"{checkpoint} (epoch {config.get('epoch')}, adapters sha256 {provenance['adapters_sha256'][:12]}); "
+                f"backbone {config['model']} with {config['pretrained'] or 'its own weights'} at "
+                f"{config['image_size']} px, stages {config['stages']}")
     for prediction in predictions:  # every folder before the first is written: a refusal leaves nothing behind
         prediction.record.update(provenance)
         prediction.detector = detector
