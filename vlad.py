@@ -1067,7 +1067,7 @@ def write_index(prediction: PredictionSet, scores: dict[str, float], full_scale:
     references = "none: zero-shot, the text prompts alone (k = 0)" if k == 0 else \
         f"k = {k} (seed {record['seed']}): {listed}" if k <= 8 else \
         f"<details><summary>k = {k} (seed {record['seed']})</summary>{listed}</details>"
-    summary = f"{len(photos)} photos; their scores are S_VL + S_VV (Eq. 8, 9)."
+    summary = f"{len(photos)} photos; their scores are " + ("S_VL + S_VV (Eq. 8, 9)." if k else "S_VL (Eq. 8).")
     if prediction.labelled:
         labels = np.array([p.label != "good" for p in photos], dtype=int)
         auroc = image_auroc(np.array([scores[p.map] for p in photos]), labels)
