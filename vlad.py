@@ -1116,9 +1116,10 @@ def write_outputs(folder: Path, photo: Photo, image: np.ndarray, anomaly_map: to
     full = F.interpolate(anomaly_map[None, None].float(), size=(height, width), mode="bilinear",
                          align_corners=False)[0, 0].cpu().numpy()
     data.save_tiff(full, folder / photo.map)
-    with data.atomic_path(folder / photo.overlay) as temporary:
-        Image.fromarray(data.overlay(image, np.clip(full / full_scale, 0.0, 1.0))).save(temporary, format="PNG",
-                                                                                         compress_level=1)
+    png = io.BytesIO()  # encoded in memory: PIL's encoder would not notice a full disk cutting the file short
+    Image.fromarray(data.overlay(image, np.clip(full / full_scale, 0.0, 1.0))).save(png, format="PNG",
+                                                                                   compress_level=1)
+    data.save_bytes(png.getvalue(), folder / photo.overlay)
 
 
 def predict_set(backbone: Backbone, vlad: VLAD, prediction: PredictionSet, rank: int = 0, world: int = 1,
