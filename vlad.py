@@ -1301,9 +1301,9 @@ def plan_prediction(args) -> list[PredictionSet]:
 def command_predict(args) -> int:
     rank, world = data.resolve_shard(args.shard)
     data.check_output_folder(args.out)
-    predictions = plan_prediction(args)
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
+    predictions = plan_prediction(args)
     backbone, vlad, config = load_detector(args.ckpt, args.model, args.pretrained, device, precision)
     bank_dtype = BANK_DTYPES[args.bank_dtype] if args.bank_dtype != "auto" else \
         (torch.float32 if backbone.dtype == torch.float32 else backbone.dtype)
