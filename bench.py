@@ -574,8 +574,8 @@ def bench_vlad_predict_io(n_images: int = 8) -> None:
                   anomaly_map[0, 0], 8)
             overlay = Image.open(folder / photo_map.overlay)
             overlay.load()
-            for level, whose in ((1, "write_outputs'"), (6, "PIL's default")):
-                timed(f"  the overlay's PNG alone, zlib {level} ({whose})", overlay.save, io.BytesIO(), "PNG",
+            for level, whose in ((1, "predict's"), (6, "PIL's default")):
+                timed(f"  its PNG encoding alone, zlib {level} ({whose})", overlay.save, io.BytesIO(), "PNG",
                       compress_level=level)
             entry = {"tokens": torch.rand(4, n_tokens, 1024, generator=generator).half(),
                      "embedding": torch.rand(768, generator=generator).half(),
