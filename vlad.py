@@ -28,6 +28,7 @@ import string
 import sys
 import time
 import urllib.parse
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.data
 from PIL import Image
 import safetensors.torch
 from safetensors.torch import load_file
@@ -199,12 +201,19 @@ class Backbone:
     def encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, S, S) -> patch tokens (B, L, N, width) and image embedding (B, embed_dim), backbone dtype.
 
-        Tokens are the raw block outputs (before the final LayerNorm), class token dropped."""
-        output = self.model.visual.forward_intermediates(
-            pixels.to(self.device, self.dtype), indices=[s - 1 for s in self.stages],
-            normalize_intermediates=False, output_fmt="NLC")
-        tokens = torch.stack(output["image_intermediates"], dim=1)  # (B, L, N, width)
-        return tokens, output["image_features"]
+        Tokens are the raw block outputs (before the final LayerNorm), class token dropped. Each image goes
+        through the ViT alone: batched kernels round differently for other batch sizes (the embedding by about
+        1e-6 in fp32), and an image's outputs must be a function of the image, whatever shared its batch: the
+        token cache is keyed by the image alone, and a resumed, sharded or otherwise batched run gives the same
+        bits. One image is already a full-size matrix product (1,370 tokens at ViT-L / 518 px)."""
+        tokens, embeddings = [], []
+        for image in pixels:
+            output = self.model.visual.forward_intermediates(
+                image[None].to(self.device, self.dtype), indices=[s - 1 for s in self.stages],
+                normalize_intermediates=False, output_fmt="NLC")
+            tokens.append(torch.stack(output["image_intermediates"], dim=1))  # (1, L, N, width)
+            embeddings.append(output["image_features"])
+        return torch.cat(tokens), torch.cat(embeddings)
 
     @torch.no_grad()
     def text_features(self, category: str) -> torch.Tensor:
@@ -388,27 +397,126 @@ class VLAD(nn.Module):
         return anomaly_map, score
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Loading images: decoded in torch DataLoader worker processes while the backbone computes
+# ---------------------------------------------------------------------------------------------------------
+# Reading, converting and resizing one 1024 x 1024 PNG takes over 100 ms of a CPU core (bench.py vlad --loader),
+# the time of dozens of ViT-L forwards on a GPU, so every path that reads images (the token cache's fill,
+# --cache none, the memory bank, predict) gets them from `image_batches`, decoded by worker processes.
+
+
+def default_workers() -> int:
+    """--workers: min(8, the CPUs this process may use)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(8, cpus)
+
+
+def load_target(mask, image_size: int) -> np.ndarray:
+    """y_pix at the input size as uint8, 255 x the probability: the soft mask's own 8-bit values (resized
+    bilinearly by PIL, which rounds to 8 bits), zeros for a normal image (mask None). Stored as it is read, a
+    quarter of float32, and exact: every cache mode trains on the same y_pix."""
+    if mask is None:
+        return np.zeros((image_size, image_size), np.uint8)
+    probability = data.load_mask(mask, size=(image_size, image_size), binarize=False)
+    return np.rint(probability * 255).astype(np.uint8)
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Images decoded and preprocessed wherever the DataLoader asks (a worker process, or this one).
+
+    It holds paths and numbers only, never the backbone, so a worker process stays small (also when workers are
+    spawned, not forked). Item i: {"pixels": (3, S, S) float32}, plus "y_pix": (S, S) uint8 when `masks` are
+    given (one per image, None for a normal image), plus "image": (H, W, 3) uint8 when `originals`, at the size
+    predict writes its map and overlay: the image's own, or its aspect ratio with the long side at most
+    `map_size` (resized here, so a 12 MP photo never crosses to the main process whole). An image that cannot
+    be read gives
+    {"error": its DataError's sentence}: raised in a worker, the DataError would reach the main process
+    wrapped in the worker's traceback."""
+
+    def __init__(self, images: list, image_size: int, mean, std, masks: list | None = None,
+                 originals: bool = False, map_size: int | None = None):
+        self.images, self.image_size, self.mean, self.std = list(images), image_size, mean, std
+        self.masks, self.originals, self.map_size = masks, originals, map_size
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict:
+        try:
+            image = data.load_image(self.images[index])
+            item = {"pixels": preprocess(image, self.image_size, self.mean, self.std)}
+            if self.masks is not None:
+                item["y_pix"] = torch.from_numpy(load_target(self.masks[index], self.image_size))
+        except DataError as error:
+            return {"error": str(error)}
+        if self.originals:
+            size = map_shape(image.size, self.map_size)
+            item["image"] = torch.from_numpy(np.array(image if image.size == size else
+                                                      image.resize(size, Image.BICUBIC)))
+        return item
+
+
+def collate_images(items: list[dict]) -> dict:
+    """One batch: pixels (B, 3, S, S) and y_pix (B, S, S) stacked (by torch's default_collate, which stacks
+    into shared memory in a worker, saving a copy), originals a list (their sizes differ); a batch with an
+    unreadable image is that image's error."""
+    for item in items:
+        if "error" in item:
+            return item
+    batch = {key: torch.utils.data.default_collate([item[key] for item in items])
+             for key in ("pixels", "y_pix") if key in items[0]}
+    if "image" in items[0]:
+        batch["image"] = [item["image"] for item in items]
+    return batch
+
+
+def image_batches(dataset: ImageDataset, batches: list[list[int]], workers: int) -> Iterator[dict]:
+    """The batches of `dataset` given by these lists of indices, collated, in this order, decoded by `workers`
+    DataLoader processes (0: in this one) while the caller computes on the previous ones.
+
+    Each batch is decoded whole by one worker and the loader keeps their order, so the caller receives the same
+    tensors for every worker count. At most 2 batches per worker wait in memory (the DataLoader's prefetch),
+    never the dataset. An unreadable image is the DataError naming it, as without workers."""
+    workers = min(workers, len(batches)) if len(batches) > 1 else 0  # one batch: a worker would only add its start
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
+                                         collate_fn=collate_images)
+    for batch in loader:
+        if "error" in batch:
+            raise DataError(batch["error"])
+        yield batch
+
+
+def index_batches(n: int, batch_size: int) -> list[list[int]]:
+    """0 .. n-1 in consecutive batches of batch_size (the last one shorter)."""
+    return [list(range(start, min(start + batch_size, n))) for start in range(0, n, batch_size)]
+
+
 @torch.no_grad()
 def collect_memory_bank(backbone: Backbone, vlad: VLAD, images: list, batch_size: int = 8,
-                        dtype: torch.dtype = torch.float32, progress: bool = False) -> list[torch.Tensor]:
+                        dtype: torch.dtype = torch.float32, progress: bool = False,
+                        workers: int = 0) -> list[torch.Tensor]:
     """Eq. 9's B_i: the adapted patch tokens of the k normal images, L x (k * N, C) in `dtype`.
 
-    The bank is allocated once at its final size and filled batch by batch, so its peak is the bank itself plus
-    one batch: the raw tokens of all k images (full-shot ViT-L: 400 x 4 x 1369 x 1024) and a second copy of
-    the bank (the parts before a concatenation) never exist. fp16 halves it; the search still accumulates in
-    fp32 (`nearest_neighbour_distance`)."""
-    bank = None
-    for start in tqdm(range(0, len(images), batch_size), desc="memory bank", unit="batch", disable=not progress):
-        chunk = images[start:start + batch_size]
-        pixels = torch.stack([backbone.preprocess(data.load_image(p)) for p in chunk])
-        features = vlad.patch_features(backbone.encode_images(pixels)[0])  # L x (b, N, C), float32
-        if bank is None:
-            n_tokens, channels = features[0].shape[1:]
-            bank = [torch.empty(len(images) * n_tokens, channels, dtype=dtype, device=features[0].device)
-                    for _ in features]
-        rows = slice(start * n_tokens, (start + len(chunk)) * n_tokens)
-        for stage, stage_features in zip(bank, features):
-            stage[rows] = stage_features.reshape(-1, channels).to(dtype)
+    The bank is allocated once at its final size and filled image by image (decoded `batch_size` at a time by
+    `workers` DataLoader processes), so its peak is the bank itself plus one batch: the raw tokens of all k
+    images (full-shot ViT-L: 400 x 4 x 1369 x 1024) and a second copy of the bank (the parts before a
+    concatenation) never exist. fp16 halves it; the search still accumulates in fp32
+    (`nearest_neighbour_distance`). Each image is adapted alone, so the bank is the same for any batch size."""
+    dataset = ImageDataset(images, backbone.image_size, backbone.mean, backbone.std)
+    batches = index_batches(len(images), batch_size)
+    bank, row = None, 0
+    for batch in tqdm(image_batches(dataset, batches, workers), total=len(batches), desc="memory bank",
+                      unit="batch", disable=not progress):
+        tokens, _ = backbone.encode_images(batch["pixels"])  # (b, L, N, width)
+        for image_tokens in tokens:
+            features = vlad.patch_features(image_tokens[None])  # L x (1, N, C), float32
+            if bank is None:
+                n_tokens, channels = features[0].shape[1:]
+                bank = [torch.empty(len(images) * n_tokens, channels, dtype=dtype, device=features[0].device)
+                        for _ in features]
+            for stage, stage_features in zip(bank, features):
+                stage[row * n_tokens:(row + 1) * n_tokens] = stage_features[0].to(dtype)
+            row += 1
     return bank
 
 
@@ -433,26 +541,6 @@ def training_samples(data_roots: list, aux_roots: list) -> list[data.Sample]:
                                 f"add images or remove the empty category folder.")
             samples.extend(found)
     return samples
-
-
-def load_target(sample: data.Sample, image_size: int) -> np.ndarray:
-    """y_pix at the input size as uint8, 255 x the probability: the soft mask's own 8-bit values (resized
-    bilinearly by PIL, which rounds to 8 bits), zeros for a normal image. Stored as it is read, a quarter of
-    float32, and exact: every cache mode trains on the same y_pix."""
-    if sample.mask is None:
-        return np.zeros((image_size, image_size), np.uint8)
-    mask = data.load_mask(sample.mask, size=(image_size, image_size), binarize=False)
-    return np.rint(mask * 255).astype(np.uint8)
-
-
-def compute_entries(backbone: Backbone, samples: list[data.Sample]) -> dict[str, torch.Tensor]:
-    """Everything one batch of images contributes to training: tokens (B, L, N, width) and embedding (B, C) in
-    the backbone's dtype on CPU, y_pix (B, S, S) uint8 (255 x the probability) and y_img (B,) float32."""
-    pixels = torch.stack([backbone.preprocess(data.load_image(s.image)) for s in samples])
-    tokens, embedding = backbone.encode_images(pixels)
-    return {"tokens": tokens.cpu(), "embedding": embedding.cpu(),
-            "y_pix": torch.from_numpy(np.stack([load_target(s, backbone.image_size) for s in samples])),
-            "y_img": torch.tensor([float(s.label) for s in samples])}
 
 
 ENTRY_NAMES = ("embedding", "tokens", "y_img", "y_pix")
@@ -481,13 +569,17 @@ class TokenCache:
     are written atomically, so an interrupted run keeps what it finished, shards (or two runs) can fill it in
     parallel, and a reader never sees half a file; an entry that cannot be read is computed again.
     mode 'memory': kept in RAM; mode 'none': recomputed for every batch (the slow reference the cache must agree
-    with). `computed` and `reused` count this process's work."""
+    with). Images are decoded `batch_size` at a time by `workers` DataLoader processes. `computed` and `reused`
+    count this process's work."""
 
     def __init__(self, backbone: Backbone, samples: list[data.Sample], mode: str = "disk", folder=None,
-                 batch_size: int = 8):
+                 batch_size: int = 8, workers: int = 0):
         if mode not in ("disk", "memory", "none"):
             raise ValueError(f"cache mode must be disk, memory or none, got {mode!r}")
         self.backbone, self.samples, self.mode, self.batch_size = backbone, samples, mode, batch_size
+        self.workers = workers
+        self.images = ImageDataset([s.image for s in samples], backbone.image_size, backbone.mean, backbone.std,
+                                   masks=[s.mask for s in samples])
         self.folder = Path(folder) if folder is not None else default_cache_dir()
         self.memory: dict[int, dict[str, torch.Tensor]] = {}
         self.computed = self.reused = 0
@@ -506,19 +598,23 @@ class TokenCache:
         key = self.keys[index]
         return self.folder / key[:2] / f"{key}.safetensors"  # 256 subfolders: no folder of 100,000 files
 
-    def _store(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
-        """Compute the entries of these images, write them (disk) or keep them (memory), and return them."""
-        entries = compute_entries(self.backbone, [self.samples[i] for i in indices])
-        rows = []
-        for row, index in enumerate(indices):
-            entry = {name: value[row].contiguous() for name, value in entries.items()}
-            if self.mode == "disk":
-                data.save_bytes(safetensors.torch.save(entry), self._file(index))
-            elif self.mode == "memory":
-                self.memory[index] = entry
-            rows.append(entry)
-        self.computed += len(indices)
-        return rows
+    def _compute(self, batches: list[list[int]]) -> Iterator[tuple[list[int], list[dict[str, torch.Tensor]]]]:
+        """Encode these batches of training images, write (disk) or keep (memory) their entries, and yield each
+        batch's indices and entries: tokens (L, N, width) and embedding (C,) in the backbone's dtype on CPU,
+        y_pix (S, S) uint8 (255 x the probability), y_img () float32."""
+        for indices, batch in zip(batches, image_batches(self.images, batches, self.workers)):
+            tokens, embedding = self.backbone.encode_images(batch["pixels"])
+            entries = []
+            for row, index in enumerate(indices):
+                entry = {"tokens": tokens[row].cpu(), "embedding": embedding[row].cpu(), "y_pix": batch["y_pix"][row],
+                         "y_img": torch.tensor(float(self.samples[index].label))}
+                if self.mode == "disk":
+                    data.save_bytes(safetensors.torch.save(entry), self._file(index))
+                elif self.mode == "memory":
+                    self.memory[index] = entry
+                entries.append(entry)
+            self.computed += len(indices)
+            yield indices, entries
 
     def fill(self, rank: int = 0, world: int = 1, progress: bool = True) -> None:
         """Compute the missing entries of this rank's shard."""
@@ -530,11 +626,10 @@ class TokenCache:
         else:
             missing = [i for i in indices if i not in self.memory]
         self.reused += len(indices) - len(missing)
+        batches = [missing[start:start + self.batch_size] for start in range(0, len(missing), self.batch_size)]
         bar = tqdm(total=len(missing), desc="caching backbone tokens", unit="img", disable=not progress)
-        for start in range(0, len(missing), self.batch_size):
-            batch = missing[start:start + self.batch_size]
-            self._store(batch)
-            bar.update(len(batch))
+        for indices, _ in self._compute(batches):
+            bar.update(len(indices))
         bar.close()
 
     def _read(self, index: int) -> dict[str, torch.Tensor]:
@@ -549,7 +644,8 @@ class TokenCache:
             if path.exists():
                 print(f"warning: {path}: unreadable token cache entry ({str(error)[:80]}); computing it again",
                       file=sys.stderr)
-            return self._store([index])[0]
+            _, entries = next(self._compute([[index]]))
+            return entries[0]
 
     def evict(self, indices) -> int:
         """Delete the disk entries of these images (a generated set no later run trains on); returns how many.
@@ -563,17 +659,19 @@ class TokenCache:
                 pass
         return removed
 
-    def get(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        """The stacked entries of the given training images, y_pix as float32 probabilities."""
+    def batches(self, batches: list[list[int]]) -> Iterator[dict[str, torch.Tensor]]:
+        """The stacked entries of each batch of training images, in order, y_pix as float32 probabilities.
+        Without a cache, every batch is decoded (ahead, by the workers) and encoded again."""
         if self.mode == "none":
-            rows = self._store(indices)
+            rows = (entries for _, entries in self._compute(batches))
         elif self.mode == "memory":
-            rows = [self.memory[i] if i in self.memory else self._store([i])[0] for i in indices]
+            rows = ([self.memory[i] for i in batch] for batch in batches)
         else:
-            rows = [self._read(i) for i in indices]
-        batch = {name: torch.stack([row[name] for row in rows]) for name in rows[0]}
-        batch["y_pix"] = batch["y_pix"].float() / 255.0
-        return batch
+            rows = ([self._read(i) for i in batch] for batch in batches)
+        for entries in rows:
+            batch = {name: torch.stack([entry[name] for entry in entries]) for name in ENTRY_NAMES}
+            batch["y_pix"] = batch["y_pix"].float() / 255.0
+            yield batch
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -717,10 +815,13 @@ def train(backbone: Backbone, samples: list[data.Sample], run, epochs: int = EPO
           lr: float = LR, seed: int = SEED, omega: float = OMEGA, gamma: float = FOCAL_GAMMA,
           alpha: float = FOCAL_ALPHA, beta: float = DICE_BETA, cache: str = "disk", extract_batch: int = 8,
           resume: bool = False, rank: int = 0, world: int = 1, progress: bool = True, extra_config=None,
-          terms: str = "both", cache_dir=None, report=None, evict=()) -> VLAD | None:
+          terms: str = "both", cache_dir=None, report=None, evict: list[data.Sample] = (),
+          workers: int = 0) -> VLAD | None:
     """Train the adapters on `samples`, checkpointing RUN after every epoch; returns the trained VLAD (None on
     a rank that only fills its share of the token cache). `report(TokenCache)` is called once it is filled;
-    `evict` (indices into samples) are deleted from the disk cache once the last epoch is saved."""
+    the disk cache entries of `evict` (training images no later run needs: this run's generated set, or a set
+    several runs shared once the last of them is trained) are deleted once the last epoch is saved. `workers`
+    DataLoader processes decode the images (0: this process); the weights are the same for every count."""
     run = Path(run)
     config = {
         "model": backbone.model_name, "pretrained": backbone.pretrained, "image_size": backbone.image_size,
@@ -755,11 +856,10 @@ def train(backbone: Backbone, samples: list[data.Sample], run, epochs: int = EPO
             write_derived_files(run, {k: v.contiguous() for k, v in vlad.state_dict().items()},
                                 {**config, "epoch": start_epoch}, log)
             if evict:  # a kill after the last checkpoint may have kept them; only their files are hashed
-                evicted = [samples[i] for i in evict]
-                TokenCache(backbone, evicted, cache, cache_dir, extract_batch).evict(range(len(evicted)))
+                TokenCache(backbone, list(evict), cache, cache_dir, extract_batch).evict(range(len(evict)))
             return vlad
 
-    token_cache = TokenCache(backbone, samples, cache, cache_dir, extract_batch)
+    token_cache = TokenCache(backbone, samples, cache, cache_dir, extract_batch, workers)
     token_cache.fill(rank, world, progress)
     if report is not None:
         report(token_cache)
@@ -784,15 +884,15 @@ def train(backbone: Backbone, samples: list[data.Sample], run, epochs: int = EPO
 
     text_features = {c: backbone.text_features(c).to(backbone.device) for c in sorted({s.category for s in samples})}
     sample_text = torch.stack([text_features[s.category] for s in samples])  # (n, 2, C)
-    steps = math.ceil(len(samples) / batch_size)
     for epoch in range(start_epoch, epochs):
         started, total, count = time.time(), 0.0, 0
         lr_used = optimizer.param_groups[0]["lr"]  # the scheduler steps after the epoch: log what it used
         order = epoch_order(len(samples), seed, epoch)
-        bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{epochs}", unit="batch", disable=not progress)
-        for step in bar:
-            indices = order[step * batch_size:(step + 1) * batch_size]
-            batch = {k: v.to(backbone.device) for k, v in token_cache.get(indices).items()}
+        batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+        bar = tqdm(zip(batches, token_cache.batches(batches)), total=len(batches), desc=f"epoch {epoch + 1}/{epochs}",
+                   unit="batch", disable=not progress)
+        for indices, batch in bar:
+            batch = {k: v.to(backbone.device) for k, v in batch.items()}
             stage_logits, image_logits = vlad(batch["tokens"], batch["embedding"], sample_text[indices],
                                               backbone.image_size)
             loss = vlad_loss(image_logits, batch["y_img"], stage_logits, batch["y_pix"], omega, gamma, alpha, beta,
@@ -807,7 +907,8 @@ def train(backbone: Backbone, samples: list[data.Sample], run, epochs: int = EPO
                     "seconds": round(time.time() - started, 3)})
         config["epoch"] = epoch + 1
         save_checkpoint(run, vlad, optimizer, scheduler, config, log)  # the log line is part of the state
-    token_cache.evict(evict)
+    if evict:
+        TokenCache(backbone, list(evict), cache, cache_dir, extract_batch).evict(range(len(evict)))
     return vlad
 
 
@@ -1124,9 +1225,10 @@ def write_outputs(folder: Path, photo: Photo, image: np.ndarray, anomaly_map: to
 
 def predict_set(backbone: Backbone, vlad: VLAD, prediction: PredictionSet, rank: int = 0, world: int = 1,
                 batch_size: int = 8, chunk: int = NN_CHUNK, progress: bool = True,
-                bank_dtype: torch.dtype = torch.float32) -> dict:
+                bank_dtype: torch.dtype = torch.float32, workers: int = 0) -> dict:
     """Maps, overlays and scores of this shard's images that are not done yet, then (once every shard is done)
-    scores.csv and index.html. The one loop of both kinds of input; returns a small summary."""
+    scores.csv and index.html. The one loop of both kinds of input; returns a small summary. `workers`
+    DataLoader processes decode the images (resized to the map's size there)."""
     folder = prediction.folder
     done = score_parts(folder)
     jobs = [photo for photo in data.shard_jobs(prediction.photos, rank, world) if photo.map not in done]
@@ -1137,26 +1239,27 @@ def predict_set(backbone: Backbone, vlad: VLAD, prediction: PredictionSet, rank:
     text = backbone.text_features(prediction.object_name).to(backbone.device) if jobs else None
     memory_bank = None
     if prediction.references and jobs:  # every rank builds the whole bank (k images) itself
-        memory_bank = collect_memory_bank(backbone, vlad, prediction.references, batch_size, bank_dtype)
+        memory_bank = collect_memory_bank(backbone, vlad, prediction.references, batch_size, bank_dtype,
+                                          workers=workers)
     # The overlay's colour scale is fixed per detector, so one colour is one value in every overlay: each stage
     # adds at most 1 to M_VL, and M_VV's distance is saturated at 1 (cosine 0) per stage.
     full_scale = len(backbone.stages) * (2 if prediction.references else 1)
 
     part = folder / "scores_parts" / f"shard-{rank}-of-{world}.jsonl"
+    images = ImageDataset([photo.image for photo in jobs], backbone.image_size, backbone.mean, backbone.std,
+                          originals=True, map_size=prediction.map_size)
+    batches = index_batches(len(jobs), batch_size)
     bar = tqdm(total=len(jobs), desc=f"{prediction.object_name} (k={len(prediction.references)})", unit="img",
                disable=not progress)
-    for start in range(0, len(jobs), batch_size):
-        batch = jobs[start:start + batch_size]
-        images = [data.load_image(photo.image) for photo in batch]
-        tokens, embedding = backbone.encode_images(torch.stack([backbone.preprocess(im) for im in images]))
-        anomaly_map, score = vlad.detect(tokens, embedding, text.expand(len(batch), -1, -1), backbone.image_size,
-                                         memory_bank, chunk)
-        for photo, image, map_s, score_s in zip(batch, images, anomaly_map, score):
-            size = map_shape(image.size, prediction.map_size)  # the image's aspect ratio, always
-            write_outputs(folder, photo, np.asarray(image if image.size == size else image.resize(size, Image.BICUBIC)),
-                          map_s, full_scale)
-            data.append_jsonl({"path": photo.map, "score": float(score_s)}, part)  # after its files: it is done
-        bar.update(len(batch))
+    for indices, batch in zip(batches, image_batches(images, batches, workers)):
+        tokens, embedding = backbone.encode_images(batch["pixels"])
+        for index, image_tokens, image_embedding, image in zip(indices, tokens, embedding, batch["image"]):
+            # detected alone, as encoded: the same bits in any batch or shard
+            anomaly_map, score = vlad.detect(image_tokens[None], image_embedding[None], text[None],
+                                             backbone.image_size, memory_bank, chunk)
+            write_outputs(folder, jobs[index], image.numpy(), anomaly_map[0], full_scale)
+            data.append_jsonl({"path": jobs[index].map, "score": float(score[0])}, part)  # after its files: done
+        bar.update(len(indices))
     bar.close()
     return {"name": prediction.object_name, "k": len(prediction.references), "images": len(jobs),
             "complete": write_scores(prediction, full_scale)}
@@ -1234,7 +1337,7 @@ def command_train(args) -> int:
     init_distributed(world, args.shard)
     if args.cache == "memory" and world > 1:
         raise DataError("--cache memory cannot be shared across shards; use --cache disk.")
-    for root in args.data + args.aux:
+    for root in args.data + args.aux + args.evict_tokens:
         if not Path(root).is_dir():
             raise DataError(f"{root}: no such dataset folder.")
     data.check_output_folder(args.out)  # before the model loads: a typo costs one sentence
@@ -1257,7 +1360,8 @@ def command_train(args) -> int:
     vlad = train(backbone, samples, args.out, args.epochs, args.batch_size, args.lr, args.seed, args.omega,
                  args.focal_gamma, args.focal_alpha, args.dice_beta, args.cache, args.extract_batch, args.resume,
                  rank, world, progress=not args.quiet, extra_config=extra, terms=args.loss, cache_dir=cache_dir,
-                 report=report, evict=range(len(training_samples(args.data, []))) if args.evict_data_tokens else ())
+                 report=report, evict=training_samples(args.evict_tokens, []) if args.evict_tokens else [],
+                 workers=args.workers)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     if vlad is None:
@@ -1320,7 +1424,7 @@ def command_predict(args) -> int:
     started, summaries = time.time(), []
     for prediction in predictions:
         summaries.append(predict_set(backbone, vlad, prediction, rank, world, args.batch_size, args.chunk,
-                                     progress=not args.quiet, bank_dtype=bank_dtype))
+                                     progress=not args.quiet, bank_dtype=bank_dtype, workers=args.workers))
     images = sum(s["images"] for s in summaries)
     waiting = [s["name"] for s in summaries if not s["complete"]]
     k = summaries[0]["k"]
@@ -1355,6 +1459,9 @@ def main(argv=None) -> int:
                          help="of the frozen backbone; auto = fp16 on CUDA, fp32 on CPU")
         sub.add_argument("--shard", default=None, help="i/n: this process's share (default: torchrun's RANK)")
         sub.add_argument("--quiet", action="store_true", help="no progress bars")
+        sub.add_argument("--workers", type=number(int, 0), default=default_workers(),
+                         help="DataLoader processes that decode images while the backbone computes; the results are "
+                              "the same for every count (default min(8, CPUs); 0 = in the main process)")
 
     train_parser = commands.add_parser("train", help="train the adapters on generated (and auxiliary) folders")
     train_parser.add_argument("--data", action="append", required=True, type=Path,
@@ -1386,10 +1493,11 @@ def main(argv=None) -> int:
     train_parser.add_argument("--cache-dir", default=None, type=Path,
                               help="the disk cache, keyed by content and shareable by every run "
                                    "(default $XDG_CACHE_HOME/vlad/tokens or ~/.cache/vlad/tokens)")
-    train_parser.add_argument("--evict-data-tokens", action="store_true",
-                              help="once trained, delete the cache entries of the --data images (a generated set "
-                                   "one run trains on); the --aux entries stay for the next run")
-    train_parser.add_argument("--extract-batch", type=positive_int, default=8, help="images per backbone forward")
+    train_parser.add_argument("--evict-tokens", action="append", default=[], type=Path, metavar="ROOT",
+                              help="once trained, delete the cache entries of ROOT's images, read as --data reads "
+                                   "them (a generated set no later run trains on); repeatable")
+    train_parser.add_argument("--extract-batch", type=positive_int, default=8,
+                              help="images per loading batch when the cache is filled (one worker decodes one batch)")
     train_parser.add_argument("--resume", action="store_true", help="continue RUN from its last epoch")
 
     predict_parser = commands.add_parser("predict", help="anomaly maps and scores of a benchmark's test split, or "
@@ -1416,7 +1524,8 @@ def main(argv=None) -> int:
     predict_parser.add_argument("--map-size", type=positive_int, default=None,
                                 help="long side of maps and overlays, at the image's aspect ratio (default: "
                                      f"{MAP_SIZE} with --images, the image's own size with --data)")
-    predict_parser.add_argument("--batch-size", type=positive_int, default=8)
+    predict_parser.add_argument("--batch-size", type=positive_int, default=8,
+                                help="images per loading batch (each is scored alone: no result depends on it)")
     predict_parser.add_argument("--chunk", type=positive_int, default=NN_CHUNK,
                                 help="rows per nearest-neighbour block")
     predict_parser.add_argument("--bank-dtype", default="auto", choices=["auto", *BANK_DTYPES],
