@@ -11,6 +11,8 @@
     python bench.py vlad --protocol  reproduce.sh's shared token cache and generation shared across k: samples,
                                    unique entries and peak, measured at small scale, then MVTec AD's at ViT-L
     python bench.py vlad --eq8     Eq. 8's two orders (softmax then upsample, or the reverse) on trained tiny VLADs
+    python bench.py vlad --predict-io  predict's work per 1024 px test image besides the backbone, and
+                                   a token-cache read: why predict does not read the cache
 
 metrics: 1,725 maps of 256x256 float32 (MVTec AD's test set: 1,258 anomalous images), blob-shaped masks,
 seed 0; peak memory by tracemalloc (the most numpy allocated during the call, above what was there before).
@@ -429,8 +431,8 @@ def vlad_bench_one(model: str, image_size: int, device: str, precision: str, n_i
         predict_root = vlad_bench_dataset(folder / "predict", n_predict, image_size, seed=1)
         for k in (0, 4):
             started = time.perf_counter()
-            vlad.predict_category(backbone, detector, predict_root, "texture", k, 0, folder / f"pred_{k}",
-                                  progress=False)
+            prediction = vlad.plan_category(predict_root, "texture", k, 0, folder / f"pred_{k}", map_size=None)
+            vlad.predict_set(backbone, detector, prediction, progress=False)
             seconds = time.perf_counter() - started
             print(f"  prediction, k = {k}:               {n_predict / seconds:8.2f} images/s  "
                   f"({n_predict} images incl. TIFF + overlay writes{' and the 4-image bank' if k else ''})")
@@ -662,6 +664,69 @@ def bench_vlad_protocol() -> None:
     print(f"    with eviction (reproduce.sh's default), the most at once: {gb(shared['peak_evicting'])}")
 
 
+def bench_vlad_predict_io(n_images: int = 8) -> None:
+    """Why predict does not read the token cache: per test image of MVTec AD's size (vlad_loader_images' 1024 x
+    1024 PNGs), what predict spends besides the backbone, none of which a cache entry replaces (the map and overlay
+    are written at the image's size, so it is decoded anyway), against reading one ViT-L-14 / 518 px entry, from
+    the page cache and from the disk (its pages dropped with posix_fadvise)."""
+    from safetensors.torch import load_file, save_file
+
+    torch.set_num_threads(1)
+    timings: dict[str, float] = {}
+    png_bytes: dict[int, float] = {}
+
+    def timed(name: str, function, *args, **kwargs):
+        started = time.perf_counter()
+        result = function(*args, **kwargs)
+        timings[name] = timings.get(name, 0.0) + (time.perf_counter() - started) * 1000 / n_images
+        return result
+
+    def read(path):  # load_file maps the file; touching every byte is what using the entry does
+        return {name: tensor.clone() for name, tensor in load_file(str(path)).items()}
+
+    with tempfile.TemporaryDirectory(dir=".") as folder:  # on the disk the user works on, not a RAM-backed /tmp
+        folder = Path(folder)
+        photos = vlad_loader_images(folder / "images", n_images)[0]
+        side, n_tokens = 518, (518 // 14) ** 2
+        generator = torch.Generator().manual_seed(0)
+        for i, path in enumerate(photos):
+            image = timed("decode the PNG (data.load_image)", data.load_image, path)
+            timed("sha256 of the file (a cache key)", vlad.file_sha256, path)
+            timed("preprocess to 518 x 518", vlad.preprocess, image, side, (0.5,) * 3, (0.5,) * 3)
+            grid = torch.rand(side // 14, side // 14, generator=generator)  # as smooth as Eq. 8's maps
+            anomaly_map = torch.nn.functional.interpolate(grid[None, None] * 8, size=(side, side), mode="bilinear")
+            photo = vlad.Photo(path, f"maps/{i}.tiff", f"overlay/{i}.png", path.name, None)
+            timed("map, TIFF and overlay (write_outputs)", vlad.write_outputs, folder, photo, np.asarray(image),
+                  anomaly_map[0, 0], 8)
+            overlay = Image.open(folder / photo.overlay)
+            overlay.load()
+            for level, whose in ((1, "predict's"), (6, "PIL's default")):
+                png = io.BytesIO()
+                timed(f"  its PNG encoding alone, zlib {level} ({whose})", overlay.save, png, "PNG",
+                      compress_level=level)
+                png_bytes[level] = png_bytes.get(level, 0) + len(png.getvalue()) / n_images
+            entry = {"tokens": torch.rand(4, n_tokens, 1024, generator=generator).half(),
+                     "embedding": torch.rand(768, generator=generator).half(),
+                     "y_pix": torch.zeros(side, side, dtype=torch.uint8), "y_img": torch.zeros(())}
+            save_file(entry, str(folder / f"{i}.safetensors"))
+        for i in range(n_images):
+            timed("read an entry, page cache", read, folder / f"{i}.safetensors")
+        for i in range(n_images):
+            handle = os.open(folder / f"{i}.safetensors", os.O_RDONLY)
+            os.fsync(handle)
+            os.posix_fadvise(handle, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(handle)
+            timed("read an entry, disk", read, folder / f"{i}.safetensors")
+        entry_bytes = (folder / "0.safetensors").stat().st_size
+    print(f"vlad predict, per 1024 x 1024 test image, CPU, one thread ({n_images} images):")
+    for name, milliseconds in timings.items():
+        print(f"  {name:48s} {milliseconds:8.1f} ms")
+    print(f"  overlay PNG size: {png_bytes[1] / 1e6:.2f} MB at zlib 1, {png_bytes[6] / 1e6:.2f} MB at zlib 6")
+    kept = sum(v for k, v in timings.items() if not k.startswith(("read", "sha256", " ")))
+    print(f"  predict's work that a cache entry cannot replace: {kept:.0f} ms; the entry ({entry_bytes:,} bytes) "
+          f"could replace one ViT-L forward")
+
+
 def vlad_loader_images(folder: Path, n: int, seed: int = 0) -> tuple[list[Path], list[Path], list[Path]]:
     """Photo-like test files from examples/cookie_1.png: n 1024 x 1024 PNGs (an MVTec AD image's size), and n
     512 x 512 generated samples with their soft masks (what cut.py writes). Each is shifted, flipped and given
@@ -783,7 +848,11 @@ def bench_vlad_eq8_order(seeds=(0, 1, 2)) -> None:
                       f"P-F1 {100 * values[name]['P-F1']:6.2f}  PRO {100 * values[name]['PRO']:6.2f}")
 
 
-def bench_vlad(protocol: bool = False, bank: bool = False, loader: bool = False, eq8: bool = False) -> None:
+def bench_vlad(protocol: bool = False, bank: bool = False, loader: bool = False, eq8: bool = False,
+               predict_io: bool = False) -> None:
+    if predict_io:
+        bench_vlad_predict_io()
+        return
     if eq8:
         bench_vlad_eq8_order()
         return
@@ -822,6 +891,8 @@ def main(argv=None) -> int:
                              help="only image loading: images/s with 0 and the default number of DataLoader workers")
     vlad_parser.add_argument("--eq8", action="store_true",
                              help="Eq. 8's two orders (softmax then upsample, or the reverse) on trained tiny VLADs")
+    vlad_parser.add_argument("--predict-io", action="store_true",
+                             help="predict's work per image besides the backbone, and a token-cache read")
     args = parser.parse_args(argv)
     if args.command == "metrics":
         bench_metrics()
@@ -835,7 +906,8 @@ def main(argv=None) -> int:
             return 2
         bench_cut(full=args.full)
     else:
-        bench_vlad(protocol=args.protocol, bank=args.bank, loader=args.loader, eq8=args.eq8)
+        bench_vlad(protocol=args.protocol, bank=args.bank, loader=args.loader, eq8=args.eq8,
+                   predict_io=args.predict_io)
     return 0
 
 

@@ -69,6 +69,21 @@ def _open(path) -> Image.Image:
         raise DataError(f"{path}: cannot read the image ({error}); is the file corrupt or truncated?") from None
 
 
+def check_image(path) -> None:
+    """DataError naming the file unless it opens as an image. Only the header is read, not the pixels: cheap
+    enough to check every input of a run before anything is written (a file cut short inside its pixels is
+    found when it is decoded)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such image file.")
+    try:
+        with Image.open(path):
+            pass
+    except (OSError, SyntaxError, ValueError) as error:
+        raise DataError(f"{path}: cannot read the image ({error}); is the file corrupt, truncated, or no "
+                        f"image?") from None
+
+
 def load_image(path) -> Image.Image:
     """Any image file (RGB, RGBA, L, LA, P, I;16, CMYK; PNG, JPEG, TIFF, ...) as an 8-bit RGB image."""
     image = _open(path)

@@ -17,6 +17,7 @@ import csv
 import dataclasses
 import errno
 import gzip
+import html.parser
 import io
 import json
 import math
@@ -26,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import urllib.parse
 import warnings
 from pathlib import Path
 
@@ -33,6 +35,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from scipy import ndimage  # independent references only: the toolkit itself never imports scipy or sklearn
 from sklearn.metrics import precision_recall_curve, roc_auc_score
@@ -2862,9 +2865,9 @@ def vlad_reference_detection(model: str, run: Path, root: Path, category: str, b
 
 
 def vlad_read_scores(csv_file: Path) -> dict[str, float]:
-    rows = csv_file.read_text().splitlines()
-    assert rows[0] == "path,score"
-    return {path: float(score) for path, score in (row.split(",") for row in rows[1:])}
+    rows = list(csv.reader(io.StringIO(csv_file.read_text())))
+    assert rows[0] == ["path", "score"]
+    return {path: float(score) for path, score in rows[1:]}
 
 
 def test_training_lowers_loss_and_raises_held_out_pixel_auroc(vlad_trained_run, tmp_path):
@@ -3298,11 +3301,11 @@ def test_each_epoch_sees_another_order_of_the_samples_and_a_resumed_run_the_same
                                                                                         monkeypatch):
     gen = vlad_make_synthetic_dataset(tmp_path / "gen", n_train=2, n_good=0, n_bad=4, soft=True)  # 6 images
     images = sorted(str(s.image) for s in vlad.training_samples([gen], []))
-    batches, read = [], vlad.TokenCache.batches
+    batches, feed = [], vlad.TokenCache.batches
 
-    def recording_batches(self, indices):                     # what each training step is fed, in order
-        for step, batch in zip(indices, read(self, indices)):
-            batches.append([str(self.samples[i].image) for i in step])
+    def recording_batches(self, index_lists):                 # what each training step is fed, in order
+        for indices, batch in zip(index_lists, feed(self, index_lists)):
+            batches.append([str(self.samples[i].image) for i in indices])
             yield batch
 
     def orders() -> list[list[str]]:                          # batch size 4: two steps per epoch
@@ -3631,8 +3634,280 @@ def test_bad_stages_sizes_and_worker_counts_are_one_clear_message_without_traceb
             vlad.main(argv)
         assert exit_info.value.code == 2
         error = capsys.readouterr().err
-        assert "--workers: expected 0 (decode in the main process) or more" in error and "Traceback" not in error
+        assert "--workers: expected a whole number of at least 0" in error and "Traceback" not in error
     assert not (tmp_path / "run").exists() and not (tmp_path / "pred").exists()
+
+
+# --- predict --images (photos of one's own) and index.html --------------------------------------------------
+
+VLAD_PHOTO_MAP_SIZE = 100
+# (file, source cookie, size, grayscale, upside down): JPEG photos of other shapes than the detector's input
+VLAD_PHOTOS = (("cookie_wide.jpg", 1, (200, 150), False, False), ("cookie_small.jpg", 2, (96, 128), False, False),
+               ("cookie_gray.jpg", 1, (160, 90), True, False), ("cookie_cracked.jpg", 2, (150, 200), False, False),
+               ("cookie <b>&\"odd' #1.jpg", 1, (120, 160), False, True))
+
+
+def vlad_save_photo(path: Path, cookie: int, size, gray: bool = False, flip: bool = False, crack=None) -> None:
+    photo = data.load_image(HERE / "examples" / f"cookie_{cookie}.png").resize(size, Image.LANCZOS)
+    photo = photo.transpose(Image.FLIP_TOP_BOTTOM) if flip else photo
+    if crack is not None:
+        pixels = np.asarray(photo).copy()
+        pixels[crack > 0] = 25
+        photo = Image.fromarray(pixels)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    (photo.convert("L") if gray else photo).save(path, quality=90)
+
+
+class VladPage(html.parser.HTMLParser):
+    """The parts of index.html a test checks: every card's fields, every linked file, the header's text."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.cards, self.links, self.header, self.card_tags = [], [], [], set()
+        self.field, self.in_card, self.in_header = None, False, False
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "figure":
+            self.in_card = True
+            self.cards.append({"rank": "", "score": "", "name": "", "label": "", "href": None, "src": None})
+        elif tag == "header":
+            self.in_header = True
+        if self.in_card:
+            self.card_tags.add(tag)
+            self.field = attrs.get("class", "").split(" ")[0] if tag == "span" else self.field
+            for key in ("href", "src"):
+                if key in attrs:
+                    self.cards[-1][key] = attrs[key]
+        self.links += [attrs[key] for key in ("href", "src") if key in attrs]
+
+    def handle_endtag(self, tag):
+        self.field = None if tag == "span" else self.field
+        self.in_card = self.in_card and tag != "figure"
+        self.in_header = self.in_header and tag != "header"
+
+    def handle_data(self, text):
+        if self.in_card and self.field in ("rank", "score", "name", "label"):
+            self.cards[-1][self.field] += text
+        elif self.in_header:
+            self.header.append(text)
+
+
+@pytest.fixture(scope="session")
+def vlad_photo_runs(vlad_trained_run, tmp_path_factory):
+    """Real JPEG photos of other sizes than the detector's input, one grayscale, one cracked, one with markup in
+    its name, scored twice by the tiny trained detector at --map-size 100 against two references: as a folder
+    of photos (--images, decoded and resized in 2 DataLoader workers), and as an MVTec-layout category holding
+    the same files (--data, in the main process)."""
+    base = tmp_path_factory.mktemp("vlad_photos")
+    crack = np.zeros((200, 150))
+    crack[90:98, 30:120] = 1
+    for name, cookie, size, gray, flip in VLAD_PHOTOS:
+        vlad_save_photo(base / "line" / name, cookie, size, gray, flip, crack=crack if "cracked" in name else None)
+    vlad_save_photo(base / "later/cookie_tiny.jpg", 2, (60, 40), flip=True)  # smaller than --map-size: as it is
+    vlad_save_photo(base / "refs/good_1.jpg", 1, (120, 160))
+    vlad_save_photo(base / "refs/good_2.jpg", 2, (150, 200), flip=True)
+    run = vlad_trained_run["run"]
+    assert vlad.main(["predict", "--ckpt", str(run), "--images", str(base / "line"), "--images",
+                      str(base / "later/cookie_tiny.jpg"), "--object", "cookie", "--normals", str(base / "refs"),
+                      "--map-size", str(VLAD_PHOTO_MAP_SIZE), "--out", str(base / "out"), "--quiet", "--workers", "2",
+                      "--batch-size", "4"]) == 0
+    bench = base / "bench/cookie"
+    for photo in sorted((base / "line").iterdir()) + [base / "later/cookie_tiny.jpg"]:
+        target = bench / "test" / ("crack" if "cracked" in photo.name else "good") / photo.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(photo, target)
+    data.save_mask(crack, data.mask_path(base / "bench", "cookie", "crack", "cookie_cracked"))
+    shutil.copytree(base / "refs", bench / "train/good")
+    assert vlad.main(["predict", "--ckpt", str(run), "--data", str(base / "bench"), "--k-shot", "all",
+                      "--map-size", str(VLAD_PHOTO_MAP_SIZE), "--out", str(base / "pred"), "--quiet", "--workers",
+                      "0"]) == 0
+    return {"base": base, "out": base / "out", "pred": base / "pred/cookie", "run": run}
+
+
+def test_predict_images_scores_jpeg_photos_at_their_aspect_ratio_as_the_benchmark_mode_does(vlad_photo_runs,
+                                                                                          tmp_path, capsys):
+    base, out, pred = vlad_photo_runs["base"], vlad_photo_runs["out"], vlad_photo_runs["pred"]
+    # long side 100, short side in proportion (rounded); a photo under 100 px keeps its size
+    expected = {"cookie_wide": (100, 75), "cookie_small": (75, 100), "cookie_gray": (100, 56),
+                "cookie_cracked": (75, 100), "cookie <b>&\"odd' #1": (75, 100), "cookie_tiny": (60, 40)}
+    assert sorted(p.stem for p in (out / "maps").iterdir()) == sorted(expected)
+    rows = list(csv.reader(io.StringIO((out / "scores.csv").read_text())))
+    assert rows[0] == ["path", "score", "image"] and len(rows) == 1 + len(expected)
+    images = {Path(image).stem: Path(image) for _, _, image in rows[1:]}
+    assert images["cookie_tiny"] == (base / "later/cookie_tiny.jpg").resolve()
+    assert images["cookie_wide"] == (base / "line/cookie_wide.jpg").resolve()
+    scores = {Path(path).stem: float(score) for path, score, _ in rows[1:]}
+    bench_scores = {Path(path).stem: score for path, score in vlad_read_scores(pred / "scores.csv").items()}
+    for stem, (width, height) in expected.items():
+        anomaly_map = data.load_tiff(out / "maps" / f"{stem}.tiff")
+        assert anomaly_map.shape == (height, width) and anomaly_map.dtype == np.float32, stem
+        assert Image.open(out / "overlay" / f"{stem}.png").size == (width, height), stem
+        # the same photos in the MVTec layout, scored by the benchmark mode (tested against Eq. 8 and 9 above):
+        # the same bits, whatever decoded them
+        defect = "crack" if "cracked" in stem else "good"
+        np.testing.assert_array_equal(anomaly_map, data.load_tiff(pred / "test" / defect / f"{stem}.tiff"))
+        assert (out / "overlay" / f"{stem}.png").read_bytes() == \
+            (pred / "overlay" / defect / f"{stem}.png").read_bytes(), stem
+        assert scores[stem] == bench_scores[stem], stem
+    assert len(set(scores.values())) == len(scores)  # six different photos, six different scores
+    record = json.loads((out / "k_shot.json").read_text())
+    assert record["k"] == 2 and record["object"] == "cookie" and record["map_size"] == VLAD_PHOTO_MAP_SIZE
+    assert record["images"] == [str((base / "refs" / name).resolve()) for name in ("good_1.jpg", "good_2.jpg")]
+    # without --normals: zero-shot, and the output says so
+    capsys.readouterr()
+    assert vlad.main(["predict", "--ckpt", str(vlad_photo_runs["run"]), "--images", str(base / "later"),
+                      "--object", "cookie", "--out", str(tmp_path / "zero"), "--quiet", "--workers", "0"]) == 0
+    assert "zero-shot" in capsys.readouterr().out
+    assert json.loads((tmp_path / "zero/k_shot.json").read_text())["k"] == 0
+    assert data.load_tiff(tmp_path / "zero/maps/cookie_tiny.tiff").shape == (40, 60)  # default --map-size 1024
+
+
+def vlad_parse_index(folder: Path) -> VladPage:
+    page = VladPage((folder / "index.html").read_text(encoding="utf-8"))
+    for link in page.links:  # relative links to files that exist
+        parts = urllib.parse.urlsplit(link)
+        assert not parts.scheme and not parts.netloc and not parts.path.startswith("/"), link
+        assert (folder / urllib.parse.unquote(parts.path)).is_file(), link
+    return page
+
+
+def test_index_pages_show_every_image_once_in_score_order_with_existing_files_and_escaped_names(vlad_photo_runs):
+    out, pred = vlad_photo_runs["out"], vlad_photo_runs["pred"]
+    page = vlad_parse_index(out)
+    assert page.card_tags == {"figure", "a", "img", "figcaption", "span", "br"}  # the name's <b> stayed text
+    scores = {Path(image).name: float(score) for _, score, image in
+              list(csv.reader(io.StringIO((out / "scores.csv").read_text())))[1:]}
+    assert [card["name"] for card in page.cards] == sorted(scores, key=lambda name: -scores[name])
+    assert [card["rank"] for card in page.cards] == [f"#{i}" for i in range(1, len(scores) + 1)]
+    for card in page.cards:
+        assert float(card["score"]) == pytest.approx(scores[card["name"]], abs=1e-4)
+        assert card["href"] == card["src"] and urllib.parse.unquote(card["src"]) == \
+            f"overlay/{Path(card['name']).stem}.png"
+    header = " ".join(page.header)
+    assert str(vlad_photo_runs["run"]) in header and "epoch 12" in header and "Made" in header
+    assert "k = 2" in header and "good_1.jpg, good_2.jpg" in header
+    # the benchmark mode's page: the ground-truth label of each image and the I-AUC of its labels and scores
+    page = vlad_parse_index(pred)
+    bench_scores = vlad_read_scores(pred / "scores.csv")
+    labels = {Path(path).stem: path.split("/")[1] for path in bench_scores}
+    assert [Path(card["name"]).stem for card in page.cards] == \
+        sorted(labels, key=lambda stem: -bench_scores[f"test/{labels[stem]}/{stem}.tiff"])
+    assert all(card["label"] == labels[Path(card["name"]).stem] for card in page.cards)
+    auroc = roc_auc_score([label != "good" for label in labels.values()],
+                          [bench_scores[f"test/{label}/{stem}.tiff"] for stem, label in labels.items()])
+    assert f"I-AUC of these scores and labels: {100 * auroc:.1f} %" in " ".join(page.header)
+
+
+def test_predict_bad_input_is_one_sentence_exit_2_and_writes_nothing(vlad_photo_runs, tmp_path, capsys):
+    base, run = vlad_photo_runs["base"], vlad_photo_runs["run"]
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.jpg").write_text("not a photo")
+    (tmp_path / "other").mkdir()
+    shutil.copy(base / "later/cookie_tiny.jpg", tmp_path / "other/cookie_wide.jpg")  # another photo, the same stem
+    shutil.copy(base / "line/cookie_wide.jpg", tmp_path / "copy_of_wide.jpg")  # the same photo, another name
+    line, refs, bench = str(base / "line"), str(base / "refs"), str(base / "bench")
+    photos = ["--images", line, "--object", "cookie"]
+    for argv, fragments in (
+            (["--images", str(tmp_path / "empty"), "--object", "cookie"], ["no image files found"]),
+            (photos + ["--images", str(tmp_path / "notes.jpg")], ["notes.jpg", "cannot read the image"]),
+            (photos + ["--images", str(tmp_path / "other")], [f"{line}/cookie_wide.jpg and "
+                                                             f"{tmp_path}/other/cookie_wide.jpg", "share the name"]),
+            (photos + ["--normals", f"{line}/cookie_wide.jpg"], ["both a photo to score and a normal reference"]),
+            (photos + ["--normals", str(tmp_path / "copy_of_wide.jpg")], ["cookie_wide.jpg is both", "copy_of"]),
+            (["--images", line, "--normals", refs], ["--images needs --object"]),
+            (photos + ["--normals", refs, "--k-shot", "3"], ["--k-shot 3", "the 2 given"]),
+            (["--data", bench, "--normals", refs], ["--normals applies to --images only"]),
+            (["--images", line, "--category", "cookie", "--object", "cookie"], ["--category applies to --data"]),
+            (["--data", bench, "--category", "../cookie"], ["'../cookie'", "inside --out"]),
+            (["--data", bench, "--category", str(base / "bench/cookie")], ["inside --out"])):
+        assert vlad.main(["predict", "--ckpt", str(run), "--out", str(tmp_path / "out"), "--quiet", *argv]) == 2
+        error = capsys.readouterr().err
+        assert all(fragment in error for fragment in fragments), (argv, error)
+        assert len(error.strip().splitlines()) == 1 and "Traceback" not in error
+        assert not (tmp_path / "out").exists() and not (base / "out_of_bounds").exists()
+
+
+def test_resuming_a_prediction_with_a_checkpoint_retrained_under_the_same_path_is_refused(vlad_trained_run,
+                                                                                         tmp_path, capsys):
+    checkpoint = tmp_path / "ckpt"
+    shutil.copytree(vlad_trained_run["run"], checkpoint)
+    common = ["predict", "--ckpt", str(checkpoint), "--data", str(vlad_trained_run["held_out"]), "--k-shot", "1",
+              "--out", str(tmp_path / "pred"), "--quiet", "--workers", "0"]
+    assert vlad.main(common + ["--shard", "0/2"]) == 0
+    original = (checkpoint / "vlad.safetensors").read_bytes()
+    with safe_open(str(checkpoint / "vlad.safetensors"), framework="pt") as handle:
+        metadata = handle.metadata()  # the same epoch and config: only the weights tell the two apart
+    weights = load_file(str(checkpoint / "vlad.safetensors"))
+    weights["image_adapter.bias"] += 0.01
+    save_file(weights, str(checkpoint / "vlad.safetensors"), metadata=metadata)
+    capsys.readouterr()
+    assert vlad.main(common + ["--shard", "1/2"]) == 2
+    error = capsys.readouterr().err
+    assert "adapters_sha256" in error and "retrained" in error and len(error.strip().splitlines()) == 1, error
+    assert not (tmp_path / "pred/texture/scores_parts/shard-1-of-2.jsonl").exists()
+    (checkpoint / "vlad.safetensors").write_bytes(original)  # the detector the first half was made with
+    assert vlad.main(common + ["--shard", "1/2"]) == 0
+    assert len(vlad_read_scores(tmp_path / "pred/texture/scores.csv")) == 9
+
+
+def test_predict_checks_every_category_before_writing_and_a_failed_start_never_blocks_another_k(vlad_trained_run,
+                                                                                               tmp_path, capsys):
+    run = vlad_trained_run["run"]
+
+    def predict(root, *extra):
+        capsys.readouterr()
+        code = vlad.main(["predict", "--ckpt", str(run), "--data", str(root), "--out", str(tmp_path / "out"),
+                          "--quiet", "--workers", "0", *extra])
+        return code, capsys.readouterr().err
+
+    root = vlad_make_synthetic_dataset(tmp_path / "root", categories=("alpha", "beta"), n_train=2, n_good=1, n_bad=1)
+    broken = root / "beta/test/good/000.png"
+    pixels = broken.read_bytes()
+    broken.write_text("not an image")  # the second category's: found before the first is predicted
+    code, error = predict(root)
+    assert code == 2 and str(broken) in error and not (tmp_path / "out").exists()
+    broken.write_bytes(pixels)
+    hollow = root / "beta/test"
+    shutil.move(hollow, tmp_path / "beta_test")
+    hollow.mkdir()
+    code, error = predict(root)
+    assert code == 2 and "beta/test: no test images" in error and not (tmp_path / "out").exists()
+    shutil.rmtree(hollow)
+    shutil.move(tmp_path / "beta_test", hollow)
+    # an image whose header reads but whose pixels are cut short is found when it is decoded: the start fails,
+    # and once it is repaired another --k-shot into the same --out is accepted (nothing was predicted)
+    cut_short = root / "alpha/test/good/000.png"
+    pixels = cut_short.read_bytes()
+    cut_short.write_bytes(pixels[:len(pixels) * 2 // 3])
+    data.check_image(cut_short)
+    code, error = predict(root, "--k-shot", "1")
+    assert code == 2 and str(cut_short) in error and not vlad.score_parts(tmp_path / "out/alpha")
+    cut_short.write_bytes(pixels)
+    assert predict(root, "--k-shot", "2")[0] == 0
+    assert json.loads((tmp_path / "out/alpha/k_shot.json").read_text())["k"] == 2
+    assert predict(root, "--k-shot", "1")[0] == 2  # now it holds predictions: another k is refused
+
+
+def test_train_numbers_are_checked_at_parse_time_in_one_sentence(tmp_path, capsys):
+    missing_model = "local-dir:" + str(tmp_path / "no_model")  # never reached: the parser refuses first
+    for flag, value, complaint in (("--epochs", "-1", "whole number of at least 0"), ("--epochs", "2.5", "whole"),
+                                   ("--lr", "nan", "above 0"), ("--lr", "-1", "above 0"), ("--lr", "inf", "finite"),
+                                   ("--lr", "0", "above 0"), ("--omega", "-0.5", "at least 0"),
+                                   ("--focal-gamma", "nan", "at least 0"), ("--focal-alpha", "1.5", "at most 1"),
+                                   ("--dice-beta", "0", "above 0"), ("--image-size", "0", "at least 1"),
+                                   ("--seed", "-3", "at least 0")):
+        with pytest.raises(SystemExit) as exit_info:
+            vlad.main(vlad_train_args(missing_model, tmp_path / "gen", tmp_path / "run", flag, value))
+        assert exit_info.value.code == 2
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert flag in error and complaint in error and repr(value) in error and "Traceback" not in error, error
+    assert not (tmp_path / "run").exists() and not (tmp_path / "tokens").exists()
+    # the boundaries themselves are values a user may mean: --epochs 0 (the untrained detector), --omega 0 (no
+    # pixel terms), alpha 0 and 1
+    assert vlad.number(int, 0)("0") == 0 and vlad.number(float, 0)("0") == 0.0
+    assert vlad.number(float, 0, 1)("1") == 1.0 and vlad.number(float, 0, above=True)("1e-9") == 1e-9
 
 
 # =========================================================================================================

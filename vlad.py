@@ -19,13 +19,17 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
+import html
 import io
 import json
 import math
 import os
+import string
 import sys
 import time
+import urllib.parse
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -422,15 +426,17 @@ class ImageDataset(torch.utils.data.Dataset):
 
     It holds paths and numbers only, never the backbone, so a worker process stays small (also when workers are
     spawned, not forked). Item i: {"pixels": (3, S, S) float32}, plus "y_pix": (S, S) uint8 when `masks` are
-    given (one per image, None for a normal image), plus "image": (H, W, 3) uint8 at the image's own size when
-    `originals` (predict writes maps and overlays at that size). An image that cannot be read gives
+    given (one per image, None for a normal image), plus "image": (H, W, 3) uint8 when `originals`, at the size
+    predict writes its map and overlay: the image's own, or its aspect ratio with the long side at most
+    `map_size` (resized here, so a 12 MP photo never crosses to the main process whole). An image that cannot
+    be read gives
     {"error": its DataError's sentence}: raised in a worker, the DataError would reach the main process
     wrapped in the worker's traceback."""
 
     def __init__(self, images: list, image_size: int, mean, std, masks: list | None = None,
-                 originals: bool = False):
+                 originals: bool = False, map_size: int | None = None):
         self.images, self.image_size, self.mean, self.std = list(images), image_size, mean, std
-        self.masks, self.originals = masks, originals
+        self.masks, self.originals, self.map_size = masks, originals, map_size
 
     def __len__(self) -> int:
         return len(self.images)
@@ -444,7 +450,9 @@ class ImageDataset(torch.utils.data.Dataset):
         except DataError as error:
             return {"error": str(error)}
         if self.originals:
-            item["image"] = torch.from_numpy(np.array(image))
+            size = map_shape(image.size, self.map_size)
+            item["image"] = torch.from_numpy(np.array(image if image.size == size else
+                                                      image.resize(size, Image.BICUBIC)))
         return item
 
 
@@ -905,98 +913,356 @@ def train(backbone: Backbone, samples: list[data.Sample], run, epochs: int = EPO
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Prediction: k-shot memory bank per category, maps, scores, overlays
+# Prediction. What to score is planned and checked first, every category of a benchmark (or the one folder of
+# photos of --images) before anything is written; then one loop scores both: the memory bank of the k normal
+# references, maps, overlays, scores.csv and index.html, the page that shows them most anomalous first.
 # ---------------------------------------------------------------------------------------------------------
 
+MAP_SIZE = 1024  # --images: the long side of maps and overlays (a 12 MP photo's map: 3 MB instead of 48 MB)
+K_SHOT_FILE = "k_shot.json"
+INDEX_FILE = "index.html"
 
-def score_parts(category_out: Path) -> dict[str, float]:
-    """Every image score recorded by any shard: {path relative to PRED/<category>: score}."""
+
+@dataclass(frozen=True)
+class Photo:
+    """One image to score and where its outputs go, relative to its prediction folder."""
+
+    image: Path
+    map: str  # the float32 map, also scores.csv's path: test/<defect>/<stem>.tiff, or maps/<stem>.tiff
+    overlay: str  # overlay/<defect>/<stem>.png, or overlay/<stem>.png
+    name: str  # what the page shows: test/<defect>/<file name>, or the photo's file name
+    label: str | None  # the benchmark's defect ('good' for a normal image); None for a photo of one's own
+
+
+@dataclass
+class PredictionSet:
+    """Everything one prediction folder needs, checked before anything is written."""
+
+    folder: Path  # PRED/<category>, or OUT for --images
+    object_name: str  # the object in the prompts: the category (`_` read as a space) or --object
+    photos: list[Photo]
+    references: list[Path]  # the k normal images of the memory bank; none: zero-shot
+    record: dict  # k_shot.json: what the folder's outputs are made with (references, map size, detector)
+    map_size: int | None  # long side of maps and overlays; None: each image's own size (the benchmark's masks)
+    detector: str = ""  # the checkpoint and backbone, as the page's header names them
+
+    @property
+    def labelled(self) -> bool:
+        """A benchmark's category, whose folders give each image's ground truth, not photos of one's own."""
+        return self.photos[0].label is not None
+
+
+def output_name(text: str, what: str) -> str:
+    """A part of an output path that comes from user input (a category, a defect, a photo's stem): refused when it
+    could leave --out or hide its file."""
+    if not text or text.startswith(".") or any(c in text for c in "/\\\0"):
+        raise DataError(f"{what} {text!r}: cannot name a file or folder inside --out (it is empty, hidden, '..' "
+                        f"or holds a path separator); rename it.")
+    return text
+
+
+def plan_category(root, category: str, k: int | None, seed: int, out, map_size: int | None) -> PredictionSet:
+    """A benchmark category: its test split (labels from the folders), the k normal images of train/good for the
+    seed (None: all of them), maps at each image's own size unless `map_size` is given."""
+    root = Path(root)
+    output_name(category, "category")
+    test = data.read_split(root, category, "test")
+    if not test:
+        raise DataError(f"{root / category}/test: no test images; add them or remove the category folder.")
+    photos = []
+    for sample in test:
+        output_name(sample.image.stem, f"{sample.image}: the stem")
+        data.check_image(sample.image)
+        photos.append(Photo(sample.image, data.prediction_path(sample),
+                            f"overlay/{sample.defect}/{sample.image.stem}.png",
+                            f"test/{sample.defect}/{sample.image.name}", sample.defect))
+    clash = duplicate_maps(photos)
+    if clash:
+        raise DataError(f"{clash[0]} and {clash[1].name}: two test images of one defect share a file name stem, so "
+                        f"their anomaly maps would share one .tiff; rename one.")
+    chosen = data.k_shot_images(root, category, k, seed)
+    for image in chosen:
+        data.check_image(image)
+    record = {"k": len(chosen), "seed": seed, "images": [p.relative_to(root / category).as_posix() for p in chosen],
+              "map_size": map_size}
+    return PredictionSet(Path(out) / category, category, photos, chosen, record, map_size)
+
+
+def duplicate_maps(photos: list[Photo]) -> tuple[Path, Path] | None:
+    """The first two images whose maps would share one file, if any."""
+    seen: dict[str, Path] = {}
+    for photo in photos:
+        if seen.setdefault(photo.map, photo.image) != photo.image:
+            return seen[photo.map], photo.image
+    return None
+
+
+def list_photos(paths: list, flag: str) -> list[Path]:
+    """Files as named, and the images of named folders (not their sub-folders), each file once, in that order."""
+    found, seen = [], set()
+    for path in map(Path, paths):
+        if path.is_dir():
+            files = data.list_images(path)
+        elif path.is_file():
+            files = [path]
+        else:
+            raise DataError(f"{flag} {path}: no such file or folder.")
+        for file in files:
+            if file.resolve() not in seen:
+                seen.add(file.resolve())
+                found.append(file)
+    return found
+
+
+def plan_photos(images: list, normals: list, k: int | None, seed: int, object_name: str | None, out,
+                map_size: int) -> PredictionSet:
+    """Photos of one's own (--images), no labels or masks, scored against the normal references (--normals; k of
+    them for the seed, None: all; none: zero-shot) as photos of `object_name`. Outputs go to OUT/maps/<stem>.tiff
+    and OUT/overlay/<stem>.png, so two photos may not share a stem."""
+    if not object_name or not object_name.strip():
+        raise DataError("--images needs --object NAME, what the photos show (e.g. --object \"cookie\"): the prompts "
+                        "compare each photo with 'a photo of a NAME' and 'a photo of a damaged NAME'.")
+    photos = list_photos(images, "--images")
+    if not photos:
+        raise DataError(f"--images {' '.join(map(str, images))}: no image files found (extensions "
+                        f"{', '.join(data.IMAGE_EXTENSIONS)}; sub-folders are not searched).")
+    references = list_photos(normals, "--normals")
+    if normals and not references:
+        raise DataError(f"--normals {' '.join(map(str, normals))}: no image files found; give the photos of good "
+                        f"parts, or leave --normals out for zero-shot.")
+    by_size: dict[int, list[Path]] = {}
+    for reference in references:
+        by_size.setdefault(reference.stat().st_size, []).append(reference)
+    planned = []
+    for image in photos:
+        output_name(image.stem, f"{image}: the stem")
+        for reference in by_size.get(image.stat().st_size, []):  # a copy has the same size: hash only those
+            if image.resolve() == reference.resolve() or file_sha256(image) == file_sha256(reference):
+                raise DataError(f"{image} is both a photo to score and a normal reference ({reference}); in the "
+                                f"memory bank it would score as normal against itself, so leave it out of one.")
+        planned.append(Photo(image, f"maps/{image.stem}.tiff", f"overlay/{image.stem}.png", image.name, None))
+    clash = duplicate_maps(planned)
+    if clash:
+        raise DataError(f"{clash[0]} and {clash[1]} share the name {clash[0].stem!r}, so their maps would share "
+                        f"maps/{clash[0].stem}.tiff; rename one, or score them into separate --out folders.")
+    for image in photos + references:
+        data.check_image(image)
+    k = len(references) if k is None else k
+    if k > len(references):
+        raise DataError(f"--k-shot {k}: asks for more references than the {len(references)} given with --normals.")
+    chosen = data.select_k_shot(references, k, seed)
+    record = {"k": k, "seed": seed, "images": [str(p.resolve()) for p in chosen], "object": object_name,
+              "map_size": map_size}
+    return PredictionSet(Path(out), object_name, planned, chosen, record, map_size)
+
+
+def adapters_sha256(vlad: VLAD) -> str:
+    """A hash of the adapters' weights. k_shot.json records it, so a checkpoint retrained under the same path never
+    continues another detector's prediction."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(vlad.state_dict().items()):
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}:".encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_record(prediction: PredictionSet) -> None:
+    """Refuse to continue a folder whose predictions were made with other references, map size or detector. A
+    folder without predictions takes the new record: a start that failed on bad input never blocks another."""
+    folder, record = prediction.folder, prediction.record
+    if not score_parts(folder):
+        return
+    k_shot_file = folder / K_SHOT_FILE
+    try:
+        previous = json.loads(k_shot_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        previous = {}
+    changed = [key for key in record if previous.get(key) != record[key]]
+    if changed:
+        now = ", ".join(f"{key} {str(previous.get(key))[:16]!r} there, {str(record[key])[:16]!r} now"
+                        for key in changed[:2])
+        retrained = " (the checkpoint was retrained)" if "adapters_sha256" in changed else ""
+        raise DataError(f"{k_shot_file}: the predictions in {folder} were made with another "
+                        f"{', '.join(changed)}{retrained} ({now}); choose another --out, so that no folder mixes two.")
+
+
+def map_shape(size: tuple[int, int], map_size: int | None) -> tuple[int, int]:
+    """(width, height) of an image's map: its own size, or its aspect ratio with the long side at most map_size."""
+    width, height = size
+    if map_size is None or max(width, height) <= map_size:
+        return width, height
+    scale = map_size / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def score_parts(folder: Path) -> dict[str, float]:
+    """Every image score recorded by any shard: {map path relative to the prediction folder: score}."""
     scores = {}
-    for part in sorted((category_out / "scores_parts").glob("*.jsonl")):
+    for part in sorted((folder / "scores_parts").glob("*.jsonl")):
         for record in data.read_jsonl(part):
             scores[record["path"]] = record["score"]
     return scores
 
 
-def merge_scores(category_out: Path, expected: list[str]) -> bool:
-    """Write scores.csv once every test image has a score (whichever shard finishes last writes it)."""
-    scores = score_parts(category_out)
-    if any(path not in scores for path in expected):
+def image_auroc(scores: np.ndarray, labels: np.ndarray) -> float | None:
+    """I-AUC for the page: the fraction of (anomalous, normal) pairs ranked right, a tie counting one half (the
+    Mann-Whitney statistic, equal to the area under the ROC curve). None with one class only."""
+    positive, negative = scores[labels == 1], scores[labels == 0]
+    if not len(positive) or not len(negative):
+        return None
+    pairs = positive[:, None] - negative[None, :]
+    return float(((pairs > 0) + 0.5 * (pairs == 0)).mean())
+
+
+PAGE = string.Template("""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>$title</title>
+<style>
+body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
+header p { margin: .3em 0; }
+.legend { display: flex; align-items: center; gap: .5em; margin: .8em 0 1.2em; font-size: 14px; }
+.bar { width: 320px; height: 14px; border: 1px solid #888; background: linear-gradient(to right, $stops); }
+.cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(230px, 1fr)); gap: 12px; }
+.card { margin: 0; padding: 6px; border: 1px solid #ccc; border-radius: 4px; background: #fafafa; }
+.card img { display: block; width: 100%; height: 190px; object-fit: contain; background: #e8e8e8; }
+.card figcaption { margin-top: 4px; font-size: 13px; overflow-wrap: anywhere; }
+.rank { font-weight: bold; } .score { font-family: monospace; font-size: 14px; }
+.label { padding: 0 .3em; border-radius: 3px; color: #fff; background: #b22; } .label.good { background: #282; }
+</style></head>
+<body>
+<header>
+<h1>$title</h1>
+<p><b>Detector:</b> $detector</p>
+<p><b>Normal references:</b> $references</p>
+<p><b>Made</b> $made. $summary</p>
+<div class="legend"><span>0</span><div class="bar"></div><span>$scale</span>
+<span>overlay colour: the anomaly map's value on one fixed scale for every card ($scale_note), blended half and half
+over the image</span></div>
+</header>
+<main class="cards">
+$cards
+</main>
+</body></html>
+""")
+CARD = string.Template("""<figure class="card"><a href="$overlay"><img src="$overlay" alt="overlay of $name" \
+loading="lazy"></a><figcaption><span class="rank">#$rank</span> <span class="score">$score</span>$label<br>
+<span class="name">$name</span></figcaption></figure>""")
+
+
+def write_index(prediction: PredictionSet, scores: dict[str, float], full_scale: int) -> None:
+    """PRED/<category>/index.html or OUT/index.html: a static page (no script, no server, relative links) with one
+    card per image, most anomalous first, its overlay linked to the full size; a header naming the detector, the
+    references and the time, and one colour legend for the overlays' fixed scale."""
+    def text(value) -> str:
+        return html.escape(str(value), quote=True)
+
+    def label(photo: Photo) -> str:
+        kind = "label good" if photo.label == "good" else "label"
+        return "" if photo.label is None else f' <span class="{kind}">{text(photo.label)}</span>'
+
+    photos = sorted(prediction.photos, key=lambda p: (-scores[p.map], p.name))
+    cards = [CARD.substitute(overlay=text(urllib.parse.quote(photo.overlay)), name=text(photo.name), rank=rank,
+                             score=f"{scores[photo.map]:.4f}", label=label(photo))
+             for rank, photo in enumerate(photos, start=1)]
+    record, k = prediction.record, prediction.record["k"]
+    listed = text(", ".join(p if prediction.labelled else Path(p).name for p in record["images"]))
+    references = "none: zero-shot, the text prompts alone (k = 0)" if k == 0 else \
+        f"k = {k} (seed {record['seed']}): {listed}" if k <= 8 else \
+        f"<details><summary>k = {k} (seed {record['seed']})</summary>{listed}</details>"
+    summary = f"{len(photos)} photos; their scores are " + ("S_VL + S_VV (Eq. 8, 9)." if k else "S_VL (Eq. 8).")
+    if prediction.labelled:
+        labels = np.array([p.label != "good" for p in photos], dtype=int)
+        auroc = image_auroc(np.array([scores[p.map] for p in photos]), labels)
+        summary = (f"{len(photos)} test images, {labels.sum()} anomalous; I-AUC of these scores and labels: "
+                   + ("n/a (one class only)" if auroc is None else f"{100 * auroc:.1f} %") + ".")
+    stops = ", ".join(f"rgb({', '.join(str(round(255 * c)) for c in data._jet(np.array(v)))}) {100 * v:g}%"
+                      for v in np.linspace(0.0, 1.0, 9))  # jet is linear between eighths: the bar is exact
+    stages = full_scale // (2 if k else 1)
+    page = PAGE.substitute(
+        title=text(f"{prediction.object_name}: {len(photos)} {'test images' if prediction.labelled else 'photos'}, "
+                   f"most anomalous first"),
+        detector=text(prediction.detector), references=references, made=text(time.strftime("%Y-%m-%d %H:%M:%S %Z")),
+        summary=text(summary), stops=stops, scale=full_scale,
+        scale_note=text(f"{stages} stages of M_VL, at most 1 each" + (", plus as many of M_VV" if k else "")),
+        cards="\n".join(cards))
+    data.save_text(page, prediction.folder / INDEX_FILE)
+
+
+def write_scores(prediction: PredictionSet, full_scale: int) -> bool:
+    """scores.csv once every image has a score (whichever shard finishes last writes it), and index.html with
+    it; False while images are left. A re-run that finds everything done writes nothing."""
+    scores = score_parts(prediction.folder)
+    if any(photo.map not in scores for photo in prediction.photos):
         return False
+    plain = not prediction.labelled  # photos of one's own: which photo it was is a column of its own
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["path", "score"])
-    for path in sorted(expected):
-        writer.writerow([path, repr(float(scores[path]))])
-    target = category_out / "scores.csv"
-    if not target.is_file() or target.read_text() != buffer.getvalue():  # a re-run that found all done writes nothing
+    writer.writerow(["path", "score"] + (["image"] if plain else []))
+    for photo in sorted(prediction.photos, key=lambda p: p.map):
+        writer.writerow([photo.map, repr(float(scores[photo.map]))] + ([str(photo.image.resolve())] if plain else []))
+    target = prediction.folder / "scores.csv"
+    changed = not target.is_file() or target.read_text(encoding="utf-8") != buffer.getvalue()
+    if changed:
         data.save_text(buffer.getvalue(), target)
+    if changed or not (prediction.folder / INDEX_FILE).is_file():
+        write_index(prediction, scores, full_scale)
     return True
 
 
-def predict_category(backbone: Backbone, vlad: VLAD, root, category: str, k: int | None, seed: int, out,
-                     rank: int = 0, world: int = 1, batch_size: int = 8, chunk: int = NN_CHUNK,
-                     progress: bool = True, provenance: dict | None = None,
-                     bank_dtype: torch.dtype = torch.float32, workers: int = 0) -> dict:
-    """Anomaly maps, scores and overlays for one category's test split; returns a small summary.
-    `provenance` (checkpoint, epoch) is recorded in k_shot.json, so a re-run into the same --out with another
-    checkpoint or selection is refused instead of mixing two detectors' outputs."""
-    root, out = Path(root), Path(out)
-    category_out = out / category
-    test = data.read_split(root, category, "test")
-    if not test:
-        raise DataError(f"{root / category}/test: no test images; add them or remove the category folder.")
-    chosen = data.k_shot_images(root, category, k, seed)
-    k = len(chosen)
-    record = {"k": k, "seed": seed, "images": [p.relative_to(root / category).as_posix() for p in chosen],
-              **(provenance or {})}
-    k_shot_file = category_out / "k_shot.json"
-    if k_shot_file.is_file():
-        previous = json.loads(k_shot_file.read_text(encoding="utf-8"))
-        if {key: previous.get(key) for key in record} != record:
-            raise DataError(f"{k_shot_file}: was written with k={previous.get('k')}, seed={previous.get('seed')}, "
-                            f"checkpoint {previous.get('checkpoint')} (epoch {previous.get('epoch')}); choose another "
-                            f"--out for k={k}, seed={seed} with this checkpoint.")
-    else:
-        data.save_json(record, k_shot_file)
+def write_outputs(folder: Path, photo: Photo, image: np.ndarray, anomaly_map: torch.Tensor, full_scale: int) -> None:
+    """One image's outputs: its map, upsampled from the input size (S, S) to the image's (H, W, 3) (already at its
+    map size), as a float32 TIFF, and its overlay on the fixed colour scale as a PNG compressed fast (zlib level 1:
+    PIL's default level 6 took 3.2x as long on a 1024 x 1024 overlay, `bench.py vlad --predict-io`, for 14% fewer
+    bytes)."""
+    height, width = image.shape[:2]
+    full = F.interpolate(anomaly_map[None, None].float(), size=(height, width), mode="bilinear",
+                         align_corners=False)[0, 0].cpu().numpy()
+    data.save_tiff(full, folder / photo.map)
+    png = io.BytesIO()  # encoded in memory: PIL's encoder would not notice a full disk cutting the file short
+    Image.fromarray(data.overlay(image, np.clip(full / full_scale, 0.0, 1.0))).save(png, format="PNG",
+                                                                                   compress_level=1)
+    data.save_bytes(png.getvalue(), folder / photo.overlay)
 
-    relative = {s.image: data.prediction_path(s) for s in test}
-    if len(set(relative.values())) < len(relative):
-        raise DataError(f"{root / category}/test: two test images of one defect share a file name stem, so their "
-                        f"anomaly maps would share one .tiff; rename one.")
-    done = score_parts(category_out)
-    jobs = [s for s in data.shard_jobs(test, rank, world) if relative[s.image] not in done]
+
+def predict_set(backbone: Backbone, vlad: VLAD, prediction: PredictionSet, rank: int = 0, world: int = 1,
+                batch_size: int = 8, chunk: int = NN_CHUNK, progress: bool = True,
+                bank_dtype: torch.dtype = torch.float32, workers: int = 0) -> dict:
+    """Maps, overlays and scores of this shard's images that are not done yet, then (once every shard is done)
+    scores.csv and index.html. The one loop of both kinds of input; returns a small summary. `workers`
+    DataLoader processes decode the images (resized to the map's size there)."""
+    folder = prediction.folder
+    done = score_parts(folder)
+    jobs = [photo for photo in data.shard_jobs(prediction.photos, rank, world) if photo.map not in done]
+    record, k_shot_file = json.dumps(prediction.record, indent=2) + "\n", folder / K_SHOT_FILE
+    if jobs and (not k_shot_file.is_file() or k_shot_file.read_text(encoding="utf-8") != record):
+        data.save_text(record, k_shot_file)  # check_record has accepted it: the provenance of what follows
     # Text features and the bank only when images are left: a re-run of a finished prediction costs nothing
-    text = backbone.text_features(category).to(backbone.device) if jobs else None
+    text = backbone.text_features(prediction.object_name).to(backbone.device) if jobs else None
     memory_bank = None
-    if k > 0 and jobs:  # every rank builds the whole bank (k images) itself
-        memory_bank = collect_memory_bank(backbone, vlad, chosen, batch_size, bank_dtype, workers=workers)
-    # The overlay's colour scale is fixed per detector, so one colour is one score in every overlay: each stage
+    if prediction.references and jobs:  # every rank builds the whole bank (k images) itself
+        memory_bank = collect_memory_bank(backbone, vlad, prediction.references, batch_size, bank_dtype,
+                                          workers=workers)
+    # The overlay's colour scale is fixed per detector, so one colour is one value in every overlay: each stage
     # adds at most 1 to M_VL, and M_VV's distance is saturated at 1 (cosine 0) per stage.
-    full_scale = len(backbone.stages) * (2 if memory_bank is not None else 1)
+    full_scale = len(backbone.stages) * (2 if prediction.references else 1)
 
-    part = category_out / "scores_parts" / f"shard-{rank}-of-{world}.jsonl"
-    images = ImageDataset([s.image for s in jobs], backbone.image_size, backbone.mean, backbone.std, originals=True)
+    part = folder / "scores_parts" / f"shard-{rank}-of-{world}.jsonl"
+    images = ImageDataset([photo.image for photo in jobs], backbone.image_size, backbone.mean, backbone.std,
+                          originals=True, map_size=prediction.map_size)
     batches = index_batches(len(jobs), batch_size)
-    bar = tqdm(total=len(jobs), desc=f"{category} (k={k})", unit="img", disable=not progress)
+    bar = tqdm(total=len(jobs), desc=f"{prediction.object_name} (k={len(prediction.references)})", unit="img",
+               disable=not progress)
     for indices, batch in zip(batches, image_batches(images, batches, workers)):
         tokens, embedding = backbone.encode_images(batch["pixels"])
         for index, image_tokens, image_embedding, image in zip(indices, tokens, embedding, batch["image"]):
-            sample = jobs[index]  # detected alone, as encoded: the same bits in any batch or shard
+            # detected alone, as encoded: the same bits in any batch or shard
             anomaly_map, score = vlad.detect(image_tokens[None], image_embedding[None], text[None],
                                              backbone.image_size, memory_bank, chunk)
-            height, width = image.shape[:2]  # maps are written at the image's own size, like its ground truth
-            full = F.interpolate(anomaly_map[None].float(), size=(height, width), mode="bilinear",
-                                 align_corners=False)[0, 0].cpu().numpy()
-            data.save_tiff(full, category_out / relative[sample.image])
-            heat = np.clip(full / full_scale, 0.0, 1.0)
-            data.save_image(data.overlay(image.numpy(), heat),
-                            category_out / "overlay" / sample.defect / f"{sample.image.stem}.png")
-            data.append_jsonl({"path": relative[sample.image], "score": float(score[0])}, part)
+            write_outputs(folder, jobs[index], image.numpy(), anomaly_map[0], full_scale)
+            data.append_jsonl({"path": jobs[index].map, "score": float(score[0])}, part)  # after its files: done
         bar.update(len(indices))
     bar.close()
-    complete = merge_scores(category_out, list(relative.values()))
-    return {"category": category, "k": k, "images": len(jobs), "scores_csv": complete}
+    return {"name": prediction.object_name, "k": len(prediction.references), "images": len(jobs),
+            "complete": write_scores(prediction, full_scale)}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1026,20 +1292,29 @@ def init_distributed(world: int, shard: str | None) -> None:
         torch.distributed.init_process_group("gloo")
 
 
-def positive_int(text: str) -> int:
-    """argparse type of batch and chunk sizes: 0 would divide by zero or never advance a loop."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
-    return value
+def number(convert: type, minimum: float, maximum: float | None = None, above: bool = False):
+    """An argparse type: a finite int or float from `minimum` (or above it) to `maximum`. Checked at parse time,
+    so `--epochs -1` (which trained nothing), `--lr nan` and `--lr -1` (a traceback mid-run) are one sentence
+    before a model loads."""
+    what = "a whole number" if convert is int else "a finite number"
+    bounds = (f"above {minimum:g}" if above else f"of at least {minimum:g}") + \
+        (f" and at most {maximum:g}" if maximum is not None else "")
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and (value > minimum if above else value >= minimum)
+                and (maximum is None or value <= maximum)):
+            raise argparse.ArgumentTypeError(f"expected {what} {bounds}, got {text!r}")
+        return value
+
+    return parse
 
 
-def worker_count(text: str) -> int:
-    """argparse type of --workers: 0 (decode in the main process) or more."""
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected 0 (decode in the main process) or more, got {text!r}")
-    return value
+positive_int = number(int, 1)  # batch and chunk sizes, image and map sides: 0 would never advance a loop
+SEED_TYPE = number(int, 0, 2**32 - 1)  # torch, numpy and random all take it
 
 
 def stage_list(text: str) -> list[int]:
@@ -1104,34 +1379,68 @@ def command_train(args) -> int:
     return 0
 
 
-def command_predict(args) -> int:
-    rank, world = data.resolve_shard(args.shard)
-    k = data.parse_k_shot(args.k_shot)
+def plan_prediction(args) -> list[PredictionSet]:
+    """Every prediction folder of this command, its input checked (images readable, names that stay inside --out,
+    the k-shot choice), before a model loads or anything is written."""
+    k = data.parse_k_shot(args.k_shot) if args.k_shot is not None else (None if args.images else 0)
+    if args.data and (args.object or args.normals):
+        raise DataError(f"{'--object' if args.object else '--normals'} applies to --images only: a benchmark (--data) "
+                        f"names the object by its category and takes the normal references from train/good.")
+    if args.images and args.category:
+        raise DataError("--category applies to --data only: --images scores the photos it names.")
+    if args.images:
+        return [plan_photos(args.images, args.normals or [], k, args.seed, args.object, args.out,
+                            args.map_size or MAP_SIZE)]
     if not Path(args.data).is_dir():
         raise DataError(f"{args.data}: no such dataset folder.")
+    for category in args.category or []:
+        output_name(category, "--category")
+    categories = args.category or data.list_categories(args.data)
+    if not categories:
+        raise DataError(f"{args.data}: no category folders with train/ or test/ inside; for a folder of photos "
+                        f"use --images.")
+    return [plan_category(args.data, category, k, args.seed, args.out, args.map_size) for category in categories]
+
+
+def command_predict(args) -> int:
+    rank, world = data.resolve_shard(args.shard)
     data.check_output_folder(args.out)
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
+    predictions = plan_prediction(args)
     backbone, vlad, config = load_detector(args.ckpt, args.model, args.pretrained, device, precision)
     bank_dtype = BANK_DTYPES[args.bank_dtype] if args.bank_dtype != "auto" else \
         (torch.float32 if backbone.dtype == torch.float32 else backbone.dtype)
-    categories = args.category or data.list_categories(args.data)
-    if not categories:
-        raise DataError(f"{args.data}: no category folders with train/ or test/ inside.")
+    checkpoint = str(Path(args.ckpt).resolve())
+    provenance = {"checkpoint": checkpoint, "epoch": config.get("epoch"), "backbone": config["backbone"],
+                  "adapters_sha256": adapters_sha256(vlad)}
+    detector = (f"{checkpoint} (epoch {config.get('epoch')}, adapters sha256 {provenance['adapters_sha256'][:12]}); "
+                f"backbone {config['model']} with {config['pretrained'] or 'its own weights'} at "
+                f"{config['image_size']} px, stages {config['stages']}")
+    for prediction in predictions:  # every folder before the first is written: a refusal leaves nothing behind
+        prediction.record.update(provenance)
+        prediction.detector = detector
+        check_record(prediction)
     started, summaries = time.time(), []
-    for category in categories:
-        summaries.append(predict_category(backbone, vlad, args.data, category, k, args.seed, args.out, rank, world,
-                                          args.batch_size, args.chunk, progress=not args.quiet,
-                                          provenance={"checkpoint": str(Path(args.ckpt).resolve()),
-                                                      "epoch": config.get("epoch"),
-                                                      "backbone": config["backbone"]},
-                                          bank_dtype=bank_dtype, workers=args.workers))
+    for prediction in predictions:
+        summaries.append(predict_set(backbone, vlad, prediction, rank, world, args.batch_size, args.chunk,
+                                     progress=not args.quiet, bank_dtype=bank_dtype, workers=args.workers))
     images = sum(s["images"] for s in summaries)
-    waiting = [s["category"] for s in summaries if not s["scores_csv"]]
+    waiting = [s["name"] for s in summaries if not s["complete"]]
+    k = summaries[0]["k"]
+    against = "zero-shot (no normal references: the text prompts alone)" if k == 0 else \
+        f"against k = {k} normal references (seed {args.seed})"
+    if args.images:
+        print(f"scored {images} photos of {args.object!r} {against} in {time.time() - started:.1f} s with epoch "
+              f"{config.get('epoch')} of {checkpoint}; "
+              + (f"scores.csv and {INDEX_FILE} wait for the other shards" if waiting else
+                 f"most anomalous first: {Path(args.out) / INDEX_FILE}"))
+        return 0
     categories = f"{len(summaries)} categor{'y' if len(summaries) == 1 else 'ies'}"
-    print(f"wrote {images} anomaly maps of {categories} to {args.out} in "
-          f"{time.time() - started:.1f} s (k-shot {args.k_shot}, seed {args.seed}, epoch {config.get('epoch')})"
-          + (f"; scores.csv waits for the other shards in {', '.join(waiting)}" if waiting else ""))
+    print(f"wrote {images} anomaly maps of {categories} to {args.out} in {time.time() - started:.1f} s (k-shot "
+          f"{args.k_shot or 0}, seed {args.seed}, epoch {config.get('epoch')}); "
+          + (f"scores.csv waits for the other shards in {', '.join(waiting)}" if waiting else
+             f"each category's {INDEX_FILE} shows its images, most anomalous first"))
     return 0
 
 
@@ -1150,7 +1459,7 @@ def main(argv=None) -> int:
                          help="of the frozen backbone; auto = fp16 on CUDA, fp32 on CPU")
         sub.add_argument("--shard", default=None, help="i/n: this process's share (default: torchrun's RANK)")
         sub.add_argument("--quiet", action="store_true", help="no progress bars")
-        sub.add_argument("--workers", type=worker_count, default=default_workers(),
+        sub.add_argument("--workers", type=number(int, 0), default=default_workers(),
                          help="DataLoader processes that decode images while the backbone computes; the results are "
                               "the same for every count (default min(8, CPUs); 0 = in the main process)")
 
@@ -1161,19 +1470,24 @@ def main(argv=None) -> int:
                               help="auxiliary MVTec-layout root: its test split only; repeatable")
     train_parser.add_argument("--out", required=True, type=Path, help="run folder for checkpoint and log")
     backbone_flags(train_parser, defaults=True)
-    train_parser.add_argument("--image-size", type=int, default=IMAGE_SIZE, help="input side (default 518: 37 x 37 patches of 14)")
+    train_parser.add_argument("--image-size", type=positive_int, default=IMAGE_SIZE,
+                              help="input side (default 518: 37 x 37 patches of 14)")
     train_parser.add_argument("--stages", default=None, type=stage_list,
                               help="distinct 1-based blocks, e.g. 6,12,18,24 (default: quarter depths)")
-    train_parser.add_argument("--epochs", type=int, default=EPOCHS, help="(default 200)")
+    train_parser.add_argument("--epochs", type=number(int, 0), default=EPOCHS,
+                              help="(default 200; 0 writes the untrained, zero-shot detector)")
     train_parser.add_argument("--batch-size", type=positive_int, default=BATCH_SIZE, help="(default 16)")
-    train_parser.add_argument("--lr", type=float, default=LR, help="Adam learning rate (default 1e-4)")
-    train_parser.add_argument("--omega", type=float, default=OMEGA, help="Eq. 7 pixel-loss weight (default 6)")
+    train_parser.add_argument("--lr", type=number(float, 0, above=True), default=LR,
+                              help="Adam learning rate (default 1e-4)")
+    train_parser.add_argument("--omega", type=number(float, 0), default=OMEGA,
+                              help="Eq. 7 pixel-loss weight (default 6)")
     train_parser.add_argument("--loss", default="both", choices=LOSS_TERMS,
                               help="loss terms: both (Eq. 7), image (y_img only) or pixel (y_pix only); Table 4")
-    train_parser.add_argument("--focal-gamma", type=float, default=FOCAL_GAMMA, help="(default 2)")
-    train_parser.add_argument("--focal-alpha", type=float, default=FOCAL_ALPHA, help="(default 0.25)")
-    train_parser.add_argument("--dice-beta", type=float, default=DICE_BETA, help="Eq. 6 beta (default 1)")
-    train_parser.add_argument("--seed", type=int, default=SEED, help="adapter init and shuffle (default 0)")
+    train_parser.add_argument("--focal-gamma", type=number(float, 0), default=FOCAL_GAMMA, help="(default 2)")
+    train_parser.add_argument("--focal-alpha", type=number(float, 0, 1), default=FOCAL_ALPHA, help="(default 0.25)")
+    train_parser.add_argument("--dice-beta", type=number(float, 0, above=True), default=DICE_BETA,
+                              help="Eq. 6 beta (default 1)")
+    train_parser.add_argument("--seed", type=SEED_TYPE, default=SEED, help="adapter init and shuffle (default 0)")
     train_parser.add_argument("--cache", default="disk", choices=["disk", "memory", "none"],
                               help="where the frozen backbone's tokens live (none: recompute every batch)")
     train_parser.add_argument("--cache-dir", default=None, type=Path,
@@ -1186,16 +1500,34 @@ def main(argv=None) -> int:
                               help="images per loading batch when the cache is filled (one worker decodes one batch)")
     train_parser.add_argument("--resume", action="store_true", help="continue RUN from its last epoch")
 
-    predict_parser = commands.add_parser("predict", help="anomaly maps and scores for a dataset's test split")
+    predict_parser = commands.add_parser("predict", help="anomaly maps and scores of a benchmark's test split, or "
+                                                         "of a folder of photos (--images)")
     predict_parser.add_argument("--ckpt", required=True, type=Path, help="run folder written by train")
-    predict_parser.add_argument("--data", required=True, type=Path, help="MVTec-layout root to evaluate")
-    predict_parser.add_argument("--k-shot", default="0", help="normal images for the memory bank: 0, k or all")
-    predict_parser.add_argument("--seed", type=int, default=SEED, help="which k normal images (data.select_k_shot)")
-    predict_parser.add_argument("--out", required=True, type=Path, help="prediction root (MVTec layout)")
+    inputs = predict_parser.add_mutually_exclusive_group(required=True)
+    inputs.add_argument("--data", type=Path, help="MVTec-layout root: every category's test split")
+    inputs.add_argument("--images", action="append", type=Path,
+                        help="photos to score, files or folders (not their sub-folders); repeatable")
+    predict_parser.add_argument("--object", default=None,
+                                help="with --images: what the photos show, the object in the prompts")
+    predict_parser.add_argument("--normals", action="append", type=Path,
+                                help="with --images: photos of good parts for the memory bank, files or folders; "
+                                     "repeatable (none: zero-shot)")
+    predict_parser.add_argument("--k-shot", default=None,
+                                help="normal images for the memory bank: 0, k or all (default: 0 with --data, all "
+                                     "--normals with --images)")
+    predict_parser.add_argument("--seed", type=SEED_TYPE, default=SEED,
+                                help="which k normal images (data.select_k_shot)")
+    predict_parser.add_argument("--out", required=True, type=Path,
+                                help="prediction root (MVTec layout), or with --images the folder of maps/, "
+                                     "overlay/, scores.csv and index.html")
     predict_parser.add_argument("--category", action="append", default=None, help="only these; repeatable")
+    predict_parser.add_argument("--map-size", type=positive_int, default=None,
+                                help="long side of maps and overlays, at the image's aspect ratio (default: "
+                                     f"{MAP_SIZE} with --images, the image's own size with --data)")
     predict_parser.add_argument("--batch-size", type=positive_int, default=8,
                                 help="images per loading batch (each is scored alone: no result depends on it)")
-    predict_parser.add_argument("--chunk", type=positive_int, default=NN_CHUNK, help="rows per nearest-neighbour block")
+    predict_parser.add_argument("--chunk", type=positive_int, default=NN_CHUNK,
+                                help="rows per nearest-neighbour block")
     predict_parser.add_argument("--bank-dtype", default="auto", choices=["auto", *BANK_DTYPES],
                                 help="memory bank storage; the search accumulates in fp32 (auto: the backbone's "
                                      "dtype, fp16 on CUDA)")
