@@ -2933,6 +2933,46 @@ def test_resumed_training_equals_uninterrupted_training(vlad_tiny_clip, tmp_path
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "resumed").rglob("*")} == before
 
 
+def vlad_files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+def test_an_unreadable_training_state_names_restart_which_moves_the_run_aside_and_trains_afresh(vlad_tiny_clip,
+                                                                                                 tmp_path, capsys):
+    gen = vlad_make_synthetic_dataset(tmp_path / "gen", n_train=1, n_good=0, n_bad=2, soft=True)
+    run = tmp_path / "run"
+    assert vlad.main(vlad_train_args(vlad_tiny_clip, gen, run, "--epochs", "1")) == 0
+    state = run / "train_state.safetensors"
+    state.write_bytes(state.read_bytes()[:1000])  # a copy that broke off
+    before = vlad_files(run)
+    capsys.readouterr()
+    for flags in (["--resume"], []):  # neither way is a dead end: both say what to run
+        assert vlad.main(vlad_train_args(vlad_tiny_clip, gen, run, "--epochs", "1", *flags)) == 2
+        error = capsys.readouterr().err
+        assert error.startswith("error: ") and len(error.strip().splitlines()) == 1, error
+        assert f"--restart" in error and f"moves its files to {run / 'old-1'} and trains from scratch" in error
+        assert ("in place of --resume" in error) == bool(flags)
+    assert vlad_files(run) == before  # a refusal changes nothing
+    with pytest.raises(SystemExit) as exit_info:
+        vlad.main(vlad_train_args(vlad_tiny_clip, gen, run, "--resume", "--restart"))
+    assert exit_info.value.code == 2 and "not allowed with" in capsys.readouterr().err
+
+    assert vlad.main(vlad_train_args(vlad_tiny_clip, gen, run, "--epochs", "1", "--restart")) == 0
+    assert f"--restart: moved the previous run's files to {run / 'old-1'};" in capsys.readouterr().out
+    assert vlad_files(run / "old-1") == before  # moved, not deleted
+    assert vlad.main(vlad_train_args(vlad_tiny_clip, gen, tmp_path / "fresh", "--epochs", "1")) == 0
+    assert vlad_files(run).keys() == vlad_files(tmp_path / "fresh").keys()
+    restarted, fresh = (load_file(str(folder / "train_state.safetensors")) for folder in (run, tmp_path / "fresh"))
+    assert restarted.keys() == fresh.keys() and all(torch.equal(restarted[k], fresh[k]) for k in fresh)
+    vlad_assert_moved({k: v for k, v in restarted.items() if k.startswith("vlad.")},
+                      {f"vlad.{k}": v for k, v in vlad_untrained_weights(vlad_tiny_clip, gen, tmp_path / "init").items()})
+    capsys.readouterr()
+    assert vlad.main(vlad_train_args(vlad_tiny_clip, gen, run, "--epochs", "1", "--resume", "--lr", "0.5")) == 2
+    error = capsys.readouterr().err  # other settings: the same way out, to the next free folder
+    assert "other settings (lr)" in error and f"--restart in place of --resume (which moves its files to " \
+        f"{run / 'old-2'}" in error
+
+
 def vlad_cache_line(capsys, errors: list | None = None) -> tuple[int, int]:
     """(computed, reused) from the one line `vlad.py train` prints about the token cache; stderr to `errors`."""
     captured = capsys.readouterr()

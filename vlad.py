@@ -642,8 +642,34 @@ def load_train_state(run: Path) -> tuple[dict, dict[str, torch.Tensor], dict]:
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
         config = json.loads(metadata["config"])
     except Exception as error:
-        raise DataError(f"{path}: cannot read the training state ({error}); start again without --resume.") from None
+        raise DataError(f"{path}: cannot read the training state ({str(error)[:120]}); run the same command with "
+                        f"--restart in place of --resume, {restart_does(run)}.") from None
     return config, tensors, metadata
+
+
+def aside_folder(run: Path) -> Path:
+    """Where --restart moves a run's files: RUN/old-1, or the next number not taken."""
+    number = 1
+    while (run / f"old-{number}").exists():
+        number += 1
+    return run / f"old-{number}"
+
+
+def restart_does(run: Path) -> str:
+    return f"which moves its files to {aside_folder(run)} and trains from scratch"
+
+
+def move_run_aside(run: Path) -> Path | None:
+    """--restart: move the files `train` writes into RUN/old-N, so a run that cannot be resumed (an unreadable
+    state, other settings) starts fresh and nothing is deleted; returns the folder, or None if there was nothing."""
+    present = [run / name for name in (STATE_FILE, ADAPTERS_FILE, CONFIG_FILE, LOG_FILE) if (run / name).exists()]
+    if not present:
+        return None
+    folder = aside_folder(run)
+    folder.mkdir(parents=True)
+    for path in present:
+        os.replace(path, folder / path.name)
+    return folder
 
 
 def load_detector(run, model: str | None = None, pretrained: str | None = None, device: str = "cpu",
@@ -713,10 +739,11 @@ def train(backbone: Backbone, samples: list[data.Sample], run, epochs: int = EPO
           lr: float = LR, seed: int = SEED, omega: float = OMEGA, gamma: float = FOCAL_GAMMA,
           alpha: float = FOCAL_ALPHA, beta: float = DICE_BETA, cache: str = "disk", extract_batch: int = 8,
           resume: bool = False, rank: int = 0, world: int = 1, progress: bool = True, extra_config=None,
-          terms: str = "both", cache_dir=None, report=None, evict=()) -> VLAD | None:
+          terms: str = "both", cache_dir=None, report=None, evict=(), restart: bool = False) -> VLAD | None:
     """Train the adapters on `samples`, checkpointing RUN after every epoch; returns the trained VLAD (None on
     a rank that only fills its share of the token cache). `report(TokenCache)` is called once it is filled;
-    `evict` (indices into samples) are deleted from the disk cache once the last epoch is saved."""
+    `evict` (indices into samples) are deleted from the disk cache once the last epoch is saved. `restart`
+    trains from scratch over a checkpoint in RUN (the CLI moves it aside first: `move_run_aside`)."""
     run = Path(run)
     config = {
         "model": backbone.model_name, "pretrained": backbone.pretrained, "image_size": backbone.image_size,
@@ -728,15 +755,17 @@ def train(backbone: Backbone, samples: list[data.Sample], run, epochs: int = EPO
             "\n".join(f"{Path(s.image).resolve()}|{s.label}" for s in samples).encode()).hexdigest(),
         **(extra_config or {}),
     }
-    if (run / STATE_FILE).is_file() and not resume:
-        raise DataError(f"{run}: already holds a checkpoint; pass --resume to continue it or choose another --out.")
+    if (run / STATE_FILE).is_file() and not resume and not restart:
+        raise DataError(f"{run}: already holds a checkpoint; pass --resume to continue it, --restart "
+                        f"({restart_does(run)}), or choose another --out.")
     saved_state, log = None, []
     if resume and (run / STATE_FILE).is_file():
         saved, tensors, metadata = load_train_state(run)
         changed = [k for k in config if saved.get(k) != config[k]]
         if changed:
-            raise DataError(f"{run / STATE_FILE}: was trained with other settings ({', '.join(changed)}); "
-                            f"resume with the same flags or choose another --out.")
+            raise DataError(f"{run / STATE_FILE}: was trained with other settings ({', '.join(changed)}); resume "
+                            f"with the same flags, pass --restart in place of --resume ({restart_does(run)}), or "
+                            f"choose another --out.")
         saved_state, log = (tensors, metadata), json.loads(metadata.get("log", "[]"))
 
     torch.manual_seed(seed)
@@ -969,6 +998,10 @@ def command_train(args) -> int:
     backbone = Backbone(args.model, args.pretrained, args.image_size, args.stages, device, precision)
     started = time.time()
     state_file = Path(args.out) / STATE_FILE
+    if args.restart and rank == 0 and (world == 1 or torch.distributed.is_initialized()):  # the process that trains
+        moved = move_run_aside(Path(args.out))
+        if moved is not None:
+            print(f"--restart: moved the previous run's files to {moved}; training from scratch.", flush=True)
     done_before = int(load_train_state(Path(args.out))[2]["epoch"]) if args.resume and state_file.is_file() else 0
 
     def report(cache: TokenCache) -> None:
@@ -979,7 +1012,8 @@ def command_train(args) -> int:
     vlad = train(backbone, samples, args.out, args.epochs, args.batch_size, args.lr, args.seed, args.omega,
                  args.focal_gamma, args.focal_alpha, args.dice_beta, args.cache, args.extract_batch, args.resume,
                  rank, world, progress=not args.quiet, extra_config=extra, terms=args.loss, cache_dir=cache_dir,
-                 report=report, evict=range(len(training_samples(args.data, []))) if args.evict_data_tokens else ())
+                 report=report, evict=range(len(training_samples(args.data, []))) if args.evict_data_tokens else (),
+                 restart=args.restart)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     if vlad is None:
@@ -1073,7 +1107,11 @@ def main(argv=None) -> int:
                               help="once trained, delete the cache entries of the --data images (a generated set "
                                    "one run trains on); the --aux entries stay for the next run")
     train_parser.add_argument("--extract-batch", type=positive_int, default=8, help="images per backbone forward")
-    train_parser.add_argument("--resume", action="store_true", help="continue RUN from its last epoch")
+    start = train_parser.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true", help="continue RUN from its last epoch")
+    start.add_argument("--restart", action="store_true",
+                       help="move RUN's checkpoint files to RUN/old-N and train from scratch (e.g. after an "
+                            "unreadable train_state.safetensors)")
 
     predict_parser = commands.add_parser("predict", help="anomaly maps and scores for a dataset's test split")
     predict_parser.add_argument("--ckpt", required=True, type=Path, help="run folder written by train")
