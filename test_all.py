@@ -2973,6 +2973,33 @@ def test_an_unreadable_training_state_names_restart_which_moves_the_run_aside_an
         f"{run / 'old-2'}" in error
 
 
+def test_train_and_predict_remove_the_temporaries_of_dead_writers_from_the_folders_they_write(vlad_tiny_clip,
+                                                                                               tmp_path):
+    gen = vlad_make_synthetic_dataset(tmp_path / "gen", n_train=1, n_good=0, n_bad=2, soft=True)
+    run, pred, tokens = tmp_path / "run", tmp_path / "pred", tmp_path / "tokens"
+    assert vlad.main(vlad_train_args(vlad_tiny_clip, gen, run, "--epochs", "1")) == 0
+    assert vlad.main(["predict", "--ckpt", str(run), "--data", str(gen), "--out", str(pred), "--quiet"]) == 0
+    entry = next(tokens.rglob("*.safetensors"))
+    # what kill -9 leaves mid-write: a temporary nobody holds a lock on, in folders a finished re-run never writes
+    dead = [run / ".train_state.safetensors.k1lled_0.tmp.safetensors",
+            entry.parent / f".{entry.name}.k1lled_0.tmp.safetensors",
+            pred / "texture/test/bright/.000.tiff.k1lled_0.tmp.tiff",
+            pred / "texture/overlay/dark/.001.png.k1lled_0.tmp.png"]
+    for path in dead:
+        path.write_bytes(b"half a file")
+        assert data.is_temporary(path)
+    def files():
+        return {path: path.stat().st_mtime_ns for folder in (run, pred, tokens) for path in folder.rglob("*")
+                if path.is_file()}
+
+    finished = {path: mtime for path, mtime in files().items() if path not in dead}
+    assert vlad.main(vlad_train_args(vlad_tiny_clip, gen, run, "--epochs", "1", "--resume")) == 0
+    assert not any(path.exists() for path in dead[:2]) and all(path.exists() for path in dead[2:])
+    assert vlad.main(["predict", "--ckpt", str(run), "--data", str(gen), "--out", str(pred), "--quiet"]) == 0
+    assert not any(path.exists() for path in dead)
+    assert files() == finished  # and nothing else was touched
+
+
 def vlad_cache_line(capsys, errors: list | None = None) -> tuple[int, int]:
     """(computed, reused) from the one line `vlad.py train` prints about the token cache; stderr to `errors`."""
     captured = capsys.readouterr()

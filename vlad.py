@@ -992,6 +992,8 @@ def command_train(args) -> int:
     cache_dir = args.cache_dir or default_cache_dir()
     if args.cache == "disk":
         data.check_output_folder(cache_dir, "--cache-dir")
+        data.remove_dead_temporaries(cache_dir, recursive=True)  # what killed runs left; live writers' stay
+    data.remove_dead_temporaries(args.out, recursive=True)
     samples = training_samples(args.data, args.aux)
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
@@ -1037,6 +1039,7 @@ def command_predict(args) -> int:
     if not Path(args.data).is_dir():
         raise DataError(f"{args.data}: no such dataset folder.")
     data.check_output_folder(args.out)
+    data.remove_dead_temporaries(args.out, recursive=True)  # what killed runs left; live shards' files stay
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
     backbone, vlad, config = load_detector(args.ckpt, args.model, args.pretrained, device, precision)
