@@ -503,7 +503,7 @@ def bench_vlad_protocol() -> None:
                 vlad.TokenCache(backbone, samples, "disk", cache).fill(progress=False)
                 runs, per_run_entries = runs + 1, per_run_entries + len(samples)
         seconds = time.perf_counter() - started
-        files = list(cache.rglob("*.safetensors"))
+        files = [f for f in cache.rglob("*.safetensors") if not data.is_temporary(f)]  # entries only
         total = sum(f.stat().st_size for f in files)
         counts = vlad_protocol_counts({c: normals for c in categories}, len(aux_samples), n_few, n_full)
         assert counts["runs"] == runs and len(files) == counts["unique"], (len(files), counts)
