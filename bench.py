@@ -5,9 +5,12 @@
                                    --full: SD 1.5's topology with random weights, 512x512 fp16, CUDA)
     python bench.py cut --full --device cpu   SD 1.5's topology in fp32 on the CPU: a few timed steps, and the
                                    seconds per sample extrapolated from them
-    python bench.py vlad           one epoch with and without the token cache; prediction images/s (k = 4);
-                                   the memory bank's peak memory (--bank: only that)
-    python bench.py vlad --protocol  reproduce.sh's shared token cache: bytes per entry, the protocol's total
+    python bench.py vlad           image loading with 0 and N DataLoader workers (--loader: only that); one
+                                   epoch with and without the token cache; encoding one by one vs batched;
+                                   prediction images/s (k = 4); the memory bank's peak memory (--bank: only that)
+    python bench.py vlad --protocol  reproduce.sh's shared token cache and generation shared across k: samples,
+                                   unique entries and peak, measured at small scale, then MVTec AD's at ViT-L
+    python bench.py vlad --eq8     Eq. 8's two orders (softmax then upsample, or the reverse) on trained tiny VLADs
 
 metrics: 1,725 maps of 256x256 float32 (MVTec AD's test set: 1,258 anomalous images), blob-shaped masks,
 seed 0; peak memory by tracemalloc (the most numpy allocated during the call, above what was there before).
@@ -30,7 +33,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import argparse
+import contextlib
+import hashlib
+import io
 import logging
+import math
 import multiprocessing
 import resource
 import sys
@@ -41,6 +48,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 import data
 import metrics
@@ -359,6 +367,35 @@ def vlad_bench_dataset(root: Path, n_images: int, size: int, seed: int = 0) -> P
                                        n_bad=n_images - n_images // 2, size=(size, size), seed=seed)
 
 
+def vlad_encode_one_by_one_vs_batched(backbone, repeats: int = 3) -> tuple[float, float]:
+    """Seconds for 8 images through the ViT one by one (Backbone.encode_images, which makes every image's tokens
+    independent of its batch) and as one batch of 8 (the same forward, batched): the least of `repeats`, taken
+    in turn. On the CPU the process's CPU time, which other jobs on a shared machine do not inflate; on CUDA the
+    wall time after a synchronize."""
+    pixels = torch.randn(8, 3, backbone.image_size, backbone.image_size, generator=torch.Generator().manual_seed(0))
+    cuda = backbone.device.type == "cuda"
+    clock = time.perf_counter if cuda else time.process_time
+
+    def batched():
+        return backbone.model.visual.forward_intermediates(
+            pixels.to(backbone.device, backbone.dtype), indices=[s - 1 for s in backbone.stages],
+            normalize_intermediates=False, output_fmt="NLC")
+
+    forwards = (lambda: backbone.encode_images(pixels), batched)
+    seconds = [math.inf, math.inf]
+    with torch.no_grad():
+        for forward in forwards:
+            forward()  # warm-up
+        for _ in range(repeats):
+            for i, forward in enumerate(forwards):
+                started = clock()
+                forward()
+                if cuda:
+                    torch.cuda.synchronize()
+                seconds[i] = min(seconds[i], clock() - started)
+    return seconds[0], seconds[1]
+
+
 def vlad_bench_one(model: str, image_size: int, device: str, precision: str, n_images: int = 64,
                    n_predict: int = 16) -> None:
     backbone = vlad.Backbone(model, None, image_size, device=device, precision=precision)  # random weights
@@ -372,6 +409,7 @@ def vlad_bench_one(model: str, image_size: int, device: str, precision: str, n_i
         started = time.perf_counter()
         vlad.TokenCache(backbone, samples, "disk", folder / "tokens").fill(progress=False)
         fill_seconds = time.perf_counter() - started
+        encode = vlad_encode_one_by_one_vs_batched(backbone)
         epoch = {}
         for cache in ("disk", "none"):
             vlad.train(backbone, samples, folder / f"run_{cache}", epochs=1, cache=cache, progress=False,
@@ -380,6 +418,9 @@ def vlad_bench_one(model: str, image_size: int, device: str, precision: str, n_i
         print(f"{model} @ {image_size} px, {device} {precision}, {len(samples)} images, batch {vlad.BATCH_SIZE}:")
         print(f"  text features of one category:   {text_seconds:8.2f} s  (once, then cached)")
         print(f"  filling the token cache:         {fill_seconds:8.2f} s  (once per run)")
+        print(f"  8 images through the backbone:   {encode[0]:8.2f} s one by one, as vlad.py does, "
+              f"vs {encode[1]:.2f} s as one batch ({encode[0] / encode[1]:.2f}x"
+              f"{', CPU time' if device == 'cpu' else ''})")
         print(f"  one epoch with cached tokens:    {epoch['disk']:8.2f} s")
         print(f"  one epoch without the cache:     {epoch['none']:8.2f} s  "
               f"({epoch['none'] / epoch['disk']:.0f}x slower)")
@@ -459,60 +500,142 @@ def bench_vlad_memory_bank() -> None:
         print(f"  {label:28s} peak growth {grown:7.0f} MiB = {grown / bank:.2f}x the bank's {bank:.0f} MiB")
 
 
-def vlad_protocol_counts(train_good: dict[str, int], aux_test: int, n_few: int = 100, n_full: int = 5,
-                         shots=(1, 2, 4), seeds: int = 5) -> dict[str, int]:
-    """Training images per run of reproduce.sh and the unique images its shared cache holds: few-shot runs
-    train on k normals + k x n_few generated per category; the full-shot run on every normal + n_full each;
-    every run on the auxiliary test split, which the shared cache holds once."""
-    few = {k: sum(k * (1 + n_few) for _ in train_good) for k in shots}
-    full = sum(n * (1 + n_full) for n in train_good.values())
-    per_run_total = sum(few[k] * seeds for k in shots) + full
-    runs = len(shots) * seeds + 1
-    return {"runs": runs, "generated": per_run_total, "aux": aux_test,
-            "entries_per_run_cache": per_run_total + runs * aux_test, "unique": per_run_total + aux_test}
+def vlad_protocol_runs(train_good: dict[str, list[str]], n_few: int, n_full: int, shots=(1, 2, 4),
+                       seeds=range(5), full_seeds=(0,), shared: bool = True) -> list[tuple[str, set, set]]:
+    """reproduce.sh's runs in its order as (folder that generated the samples, the entries the run trains on,
+    the entries evicted after it with EVICT_TOKENS=1). An entry is (category, normal image) for the normal image
+    itself and (category, normal image, i) for its sample of seed i: CUT's samples depend only on the image, the
+    prompt, the settings and i. Seed by seed, one generation serves the union of the k-shot images, each k trains
+    on its own k images' N_FEW samples, and the seed's samples leave after its last k; full-shot generates and
+    evicts its own. shared=False: as before, every k generated its own samples and evicted them."""
+    runs = []
+    for seed in seeds:
+        chosen = {k: {c: data.select_k_shot([Path(n) for n in names], k, seed) for c, names in train_good.items()}
+                  for k in shots}
+        pool = {(c, p.name, *i) for k in shots for c, images in chosen[k].items() for p in images
+                for i in [()] + [(i,) for i in range(n_few)]}
+        for k in shots:
+            entries = {(c, p.name, *i) for c, images in chosen[k].items() for p in images
+                       for i in [()] + [(i,) for i in range(n_few)]}
+            if shared:
+                runs.append((f"seed{seed}", entries, pool if k == shots[-1] else set()))
+            else:
+                runs.append((f"k{k}_seed{seed}", entries, entries))
+    for seed in full_seeds:
+        entries = {(c, name, *i) for c, names in train_good.items() for name in names
+                   for i in [()] + [(i,) for i in range(n_full)]}
+        runs.append((f"kall_seed{seed}", entries, entries))
+    return runs
+
+
+def vlad_protocol_totals(runs: list[tuple[str, set, set]], n_aux: int) -> dict[str, int]:
+    """Samples generated, training images over all runs, unique cache entries kept without eviction (if sample i
+    of a normal image is byte-identical wherever it was generated, and if only the linked ones are; cut.py's copies of a normal image are identical everywhere), and the most entries on disk at once with
+    eviction (the auxiliary set stays)."""
+    generated, identical, by_folder, cache, peak = {}, set(), set(), set(), 0
+    for folder, entries, evicted in runs:
+        generated.setdefault(folder, set()).update(e for e in entries if len(e) == 3)
+        identical |= entries
+        by_folder |= {(folder, *e) if len(e) == 3 else e for e in entries}
+        cache |= entries
+        peak = max(peak, len(cache))
+        cache -= evicted
+    return {"generated": sum(map(len, generated.values())), "trained": sum(len(e) + n_aux for _, e, _ in runs),
+            "unique_identical": len(identical) + n_aux, "unique_by_folder": len(by_folder) + n_aux,
+            "peak_evicting": peak + n_aux}
 
 
 MVTEC_TRAIN_GOOD = {"bottle": 209, "cable": 224, "capsule": 219, "carpet": 280, "grid": 264, "hazelnut": 391,
                     "leather": 245, "metal_nut": 220, "pill": 267, "screw": 320, "tile": 230, "toothbrush": 60,
-                    "transistor": 213, "wood": 247, "zipper": 240}  # 3,629
+                    "transistor": 213, "wood": 247, "zipper": 240}  # 3,629, named 000.png, 001.png, ... in MVTec AD
 VISA_TEST = 2162  # the auxiliary set for MVTec AD: VisA's test split (962 normal, 1,200 anomalous)
 
 
+def vlad_fake_generation(sources: list[Path], out: Path, n: int, salt: str = "") -> None:
+    """cut.py's output layout and meta.jsonl for the given normal images, n samples each, whose bytes depend on
+    the image and the sample's seed only (as CUT's do), or also on `salt` (samples that differ per folder)."""
+    for source in sources:
+        category = source.parent.parent.parent.name
+        data.save_image(data.load_image(source), out / category / "train/good" / f"{source.stem}.png")
+        for seed in range(n):
+            rng = np.random.default_rng([seed, *hashlib.sha256(source.read_bytes() + salt.encode()).digest()])
+            name = f"{source.stem}_{seed}"
+            data.save_image(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), out / category / "test/damaged" / f"{name}.png")
+            data.save_mask(rng.random((32, 32)), data.mask_path(out, category, "damaged", name))
+            data.append_jsonl({"image": f"test/damaged/{name}.png", "mask": f"ground_truth/damaged/{name}_mask.png",
+                               "source": str(source), "seed": seed}, out / category / "meta.jsonl")
+
+
+def vlad_protocol_scaled(folder: Path, backbone: vlad.Backbone, normals: dict[str, list[str]], aux: Path,
+                         n_few: int, n_full: int, evict: bool, salt: bool) -> tuple[int, int, int]:
+    """reproduce.sh's few-shot and full-shot runs on a small tree through the real code (data.link_samples,
+    TokenCache), with fake generation; returns (samples generated, the most entries in the shared cache at once,
+    entries at the end)."""
+    cache, peak = folder / "tokens", 0
+    aux_samples = vlad.training_samples([], [aux])
+
+    def train(root: Path, evicted: Path | None) -> None:
+        nonlocal peak
+        vlad.TokenCache(backbone, vlad.training_samples([root], []) + aux_samples, "disk", cache).fill(progress=False)
+        peak = max(peak, len(list(cache.rglob("*.safetensors"))))
+        if evicted is not None and evict:
+            gone = vlad.training_samples([evicted], [])
+            vlad.TokenCache(backbone, gone, "disk", cache).evict(range(len(gone)))
+
+    data_root = folder / "data"
+    for seed in range(5):
+        chosen = {k: [data_root / c / "train/good" / p.name for c, names in normals.items()
+                      for p in data.select_k_shot([Path(n) for n in names], k, seed)] for k in (1, 2, 4)}
+        pool = folder / f"seed{seed}/generated"
+        vlad_fake_generation(sorted({p for images in chosen.values() for p in images}), pool, n_few,
+                             f"seed{seed}" if salt else "")
+        for k in (1, 2, 4):
+            data.link_samples(pool, folder / f"k{k}_seed{seed}/generated", chosen[k], n_few)
+            train(folder / f"k{k}_seed{seed}/generated", pool if k == 4 else None)
+    full = folder / "kall_seed0/generated"
+    vlad_fake_generation([data_root / c / "train/good" / n for c, names in normals.items() for n in names], full,
+                         n_full, "kall" if salt else "")
+    train(full, full)
+    generated = sum(len(data.read_jsonl(meta)) for root in [folder / f"seed{seed}/generated" for seed in range(5)]
+                    + [full] for meta in root.glob("*/meta.jsonl"))  # the k<K>_seed<S> folders hold links
+    return generated, peak, len(list(cache.rglob("*.safetensors")))
+
+
 def bench_vlad_protocol() -> None:
-    """reproduce.sh's token cache, scaled: the protocol's runs (k = 1, 2, 4 x 5 seeds + full-shot) on a tree
-    with 3 categories of 6 normals, 2 generated per normal and 12 auxiliary test images, filled through
-    TokenCache into one shared folder, as reproduce.sh runs it. Then the same arithmetic at ViT-L-14 / 518 px
-    with MVTec AD's counts, from the bytes of one real entry of that shape."""
+    """reproduce.sh's token cache with generation shared across k: the protocol's runs (k = 1, 2, 4 x 5 seeds +
+    full-shot) on a tree of 3 categories of 6 normals, 3 samples per normal few-shot and 1 full-shot, 12
+    auxiliary test images, through the real code into one shared folder, measured three ways (evicting; keeping
+    all, with sample i of a normal image byte-identical wherever generated, and not). The same
+    arithmetic, checked against those counts, then gives MVTec AD's totals at ViT-L-14 / 518 px from the bytes of
+    one real entry of that shape."""
     from test_all import vlad_make_synthetic_dataset
 
     torch.set_num_threads(1)
     logging.disable(logging.WARNING)
+    normals = {c: [f"{i:03d}.png" for i in range(6)] for c in ("a", "b", "c")}
+    n_few, n_full = 3, 1
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
         backbone = vlad.Backbone(vlad_bench_tiny_clip(folder / "clip", embed_dim=32), None, 112)
-        categories, normals, n_few, n_full = ("a", "b", "c"), 6, 2, 1
         aux = vlad_make_synthetic_dataset(folder / "aux", ("tile",), n_train=0, n_good=4, n_bad=8, seed=99)
-        aux_samples = vlad.training_samples([], [aux])
-        cache = folder / "tokens"
-        started, runs, per_run_entries = time.perf_counter(), 0, 0
-        for k, seeds, n in [(1, 5, n_few), (2, 5, n_few), (4, 5, n_few), (normals, 1, n_full)]:
-            for seed in range(seeds):  # every run generates its own images: distinct content
-                generated = vlad_make_synthetic_dataset(folder / f"gen_k{k}_s{seed}", categories, n_train=k,
-                                                        n_good=0, n_bad=k * n, seed=1000 * k + seed, soft=True)
-                samples = vlad.training_samples([generated], [aux])
-                vlad.TokenCache(backbone, samples, "disk", cache).fill(progress=False)
-                runs, per_run_entries = runs + 1, per_run_entries + len(samples)
-        seconds = time.perf_counter() - started
-        files = [f for f in cache.rglob("*.safetensors") if not data.is_temporary(f)]  # entries only
-        total = sum(f.stat().st_size for f in files)
-        counts = vlad_protocol_counts({c: normals for c in categories}, len(aux_samples), n_few, n_full)
-        assert counts["runs"] == runs and len(files) == counts["unique"], (len(files), counts)
-        per_image = files[0].stat().st_size  # every entry has the same shapes, masked or not
-        print(f"vlad protocol, scaled: {runs} runs, {per_run_entries} training images in all, {len(files)} unique "
-              f"in the shared cache ({counts['aux']} auxiliary images once, not {runs} times); filled in {seconds:.1f} s")
-        print(f"  tiny backbone ({len(backbone.stages)} x 49 x {backbone.width} fp32 + y_pix 112 x 112 uint8): "
-              f"{per_image / 1e3:.1f} kB per entry; cache {total / 1e6:.2f} MB = "
-              f"{total / (len(files) * per_image):.3f}x unique x per-entry")
+        n_aux = len(vlad.training_samples([], [aux]))
+        totals = vlad_protocol_totals(vlad_protocol_runs(normals, n_few, n_full), n_aux)
+        measured = {}
+        for name, evict, salt in (("evicting", True, False), ("identical", False, False), ("by_folder", False, True)):
+            case = folder / name
+            vlad_make_synthetic_dataset(case / "data", tuple(normals), n_train=6, n_good=0, n_bad=0, size=(32, 32))
+            started = time.perf_counter()
+            measured[name] = vlad_protocol_scaled(case, backbone, normals, aux, n_few, n_full, evict, salt)
+            generated, peak, end = measured[name]
+            print(f"vlad protocol, scaled ({name}): {generated} samples generated; cache peak {peak} entries, {end} "
+                  f"at the end ({time.perf_counter() - started:.1f} s)")
+        expected = {"evicting": (totals["generated"], totals["peak_evicting"], n_aux),
+                    "identical": (totals["generated"], *(totals["unique_identical"],) * 2),
+                    "by_folder": (totals["generated"], *(totals["unique_by_folder"],) * 2)}
+        assert measured == expected, (measured, expected)
+        print(f"  = the arithmetic: {totals['generated']} samples, {totals['unique_identical']} unique entries kept "
+              f"({totals['unique_by_folder']} if samples differ per folder), {totals['peak_evicting']} at most with "
+              f"eviction, {n_aux} after it")
 
         side, n_tokens = 518, (518 // 14) ** 2
         entry = {"tokens": torch.zeros(4, n_tokens, 1024, dtype=torch.float16),
@@ -521,30 +644,161 @@ def bench_vlad_protocol() -> None:
         from safetensors.torch import save_file
         save_file(entry, str(folder / "vit_l.safetensors"))
         vit_l = (folder / "vit_l.safetensors").stat().st_size
-    old = 4 * n_tokens * 1024 * 2 + 768 * 2 + side * side * 4 + 4  # fp16 tokens + float32 y_pix, per run
-    mvtec = vlad_protocol_counts(MVTEC_TRAIN_GOOD, VISA_TEST)
-    print(f"  ViT-L-14 @ 518 px fp16: {vit_l:,} bytes per entry (before: {old:,}, y_pix in float32)")
-    print(f"  MVTec AD with VisA auxiliary, {mvtec['runs']} runs: {mvtec['generated']:,} generated + normal training "
-          f"images, {mvtec['aux']:,} auxiliary")
-    print(f"    shared cache: {mvtec['unique']:,} unique entries x {vit_l / 1e6:.2f} MB = {mvtec['unique'] * vit_l / 1e9:,.0f} GB")
-    print(f"    before (a cache per run): {mvtec['entries_per_run_cache']:,} entries x {old / 1e6:.2f} MB = "
-          f"{mvtec['entries_per_run_cache'] * old / 1e9:,.0f} GB")
-    largest = max(sum(k * 101 for _ in MVTEC_TRAIN_GOOD) for k in (1, 2, 4))
-    full = sum(n * 6 for n in MVTEC_TRAIN_GOOD.values())
-    print(f"    with --evict-data-tokens (reproduce.sh's default), the most on disk at once is the largest run: "
-          f"full-shot {full + VISA_TEST:,} entries = {(full + VISA_TEST) * vit_l / 1e9:,.0f} GB "
-          f"(k = 4: {largest + VISA_TEST:,} entries = {(largest + VISA_TEST) * vit_l / 1e9:,.0f} GB)")
+
+    mvtec = {c: [f"{i:03d}.png" for i in range(n)] for c, n in MVTEC_TRAIN_GOOD.items()}
+    shared = vlad_protocol_totals(vlad_protocol_runs(mvtec, 100, 5), VISA_TEST)
+    per_k = vlad_protocol_totals(vlad_protocol_runs(mvtec, 100, 5, shared=False), VISA_TEST)
+
+    def gb(entries: int) -> str:
+        return f"{entries:,} entries = {entries * vit_l / 1e9:,.0f} GB"
+
+    print(f"  ViT-L-14 @ 518 px fp16: {vit_l:,} bytes per entry")
+    print(f"  MVTec AD, 16 runs, VisA's test split auxiliary ({VISA_TEST:,} images): {shared['trained']:,} training "
+          f"images over all runs")
+    print(f"    samples generated: {shared['generated']:,} (before, each k its own: {per_k['generated']:,})")
+    print(f"    kept without eviction: {gb(shared['unique_identical'])} if sample i of a normal image is "
+          f"byte-identical wherever generated, {gb(shared['unique_by_folder'])} if not "
+          f"(before: {gb(per_k['unique_by_folder'])})")
+    print(f"    with eviction (reproduce.sh's default), the most at once: {gb(shared['peak_evicting'])}")
 
 
-def bench_vlad(protocol: bool = False, bank: bool = False) -> None:
+def vlad_loader_images(folder: Path, n: int, seed: int = 0) -> tuple[list[Path], list[Path], list[Path]]:
+    """Photo-like test files from examples/cookie_1.png: n 1024 x 1024 PNGs (an MVTec AD image's size), and n
+    512 x 512 generated samples with their soft masks (what cut.py writes). Each is shifted, flipped and given
+    sensor-like noise, so the files differ and compress as photos do (about 1.6 MB per 1024 x 1024 PNG)."""
+    rng = np.random.default_rng(seed)
+    cookie = data.load_image(Path(__file__).resolve().parent / "examples/cookie_1.png")
+    photos, samples, masks = [], [], []
+    for i in range(n):
+        for side, names in ((1024, photos), (512, samples)):
+            base = np.asarray(cookie.resize((side, side), Image.BICUBIC), dtype=np.float32)
+            base = np.roll(base[:, ::-1] if i % 2 else base, int(rng.integers(side)), axis=1)
+            pixels = np.clip(base + rng.normal(0, 3, base.shape), 0, 255).astype(np.uint8)
+            names.append(folder / f"{side}" / f"{i:03d}.png")
+            data.save_image(pixels, names[-1])
+        yy, xx = np.mgrid[:512, :512]
+        distance = np.hypot(yy - rng.uniform(100, 412), xx - rng.uniform(100, 412)) / 80
+        masks.append(folder / "512" / f"{i:03d}_mask.png")
+        data.save_mask(np.clip(1.3 - distance, 0, 1) * (distance <= 1), masks[-1])
+    return photos, samples, masks
+
+
+def bench_vlad_loader(n_images: int = 96) -> None:
+    """vlad.py's loading alone (decode, RGB, resize to 518, normalize; y_pix from the soft mask) through
+    vlad.image_batches, in the main process and in --workers' default number of DataLoader workers, batches of
+    8, after one warm-up pass (the files in the page cache, as on a second epoch): images per second and their
+    ratio, and the CPU time per image in each case (workers: their own CPU time, counted once they exit), which
+    other jobs on a shared machine do not inflate: with N idle cores, N workers decode N x (main's CPU time /
+    a worker's) as fast."""
+    from open_clip.constants import OPENAI_DATASET_MEAN as mean, OPENAI_DATASET_STD as std  # ViT-L-14's openai
+
+    torch.set_num_threads(1)
+    workers = vlad.default_workers()
+
+    def cpu_seconds(who) -> float:
+        usage = resource.getrusage(who)
+        return usage.ru_utime + usage.ru_stime
+
+    with tempfile.TemporaryDirectory() as folder:
+        photos, samples, masks = vlad_loader_images(Path(folder), n_images)
+        megabytes = sum(p.stat().st_size for p in photos) / len(photos) / 1e6
+        cases = [(f"1024 x 1024 PNG ({megabytes:.1f} MB)", vlad.ImageDataset(photos, vlad.IMAGE_SIZE, mean, std)),
+                 ("512 x 512 generated sample + soft mask",
+                  vlad.ImageDataset(samples, vlad.IMAGE_SIZE, mean, std, masks=masks))]
+        print(f"vlad loading alone (to {vlad.IMAGE_SIZE} px), {n_images} images in batches of 8, "
+              f"{os.cpu_count()} CPUs (load average {os.getloadavg()[0]:.1f} before), {workers} workers "
+              f"(the default here):")
+        for name, dataset in cases:
+            batches = vlad.index_batches(len(dataset), 8)
+            rate, cpu_ms = {}, {}
+            for count in (0, workers):
+                list(vlad.image_batches(dataset, batches, count))  # warm-up: page cache, allocator
+                who = resource.RUSAGE_CHILDREN if count else resource.RUSAGE_SELF
+                started, cpu_started = time.perf_counter(), cpu_seconds(who)
+                for _ in vlad.image_batches(dataset, batches, count):
+                    pass
+                rate[count] = len(dataset) / (time.perf_counter() - started)
+                cpu_ms[count] = 1000 * (cpu_seconds(who) - cpu_started) / len(dataset)
+            print(f"  {name:40s} {rate[0]:5.1f} images/s with 0 workers, {rate[workers]:5.1f} with {workers} "
+                  f"({rate[workers] / rate[0]:.2f}x); CPU per image {cpu_ms[0]:5.1f} ms in the main process, "
+                  f"{cpu_ms[workers]:5.1f} ms in a worker ({cpu_ms[workers] / cpu_ms[0]:.2f}x)")
+
+
+def vlad_eq8_maps(run: Path, held_out: Path, size: int) -> tuple[dict[str, list], list[np.ndarray]]:
+    """M_VL of every held-out test image at its own size in both orders of Eq. 8, and the masks."""
+    backbone, detector, _ = vlad.load_detector(run)
+    text = backbone.text_features("texture")  # (2, C)
+    maps, masks = {"paper": [], "vlad.py": []}, []
+    for sample in data.read_split(held_out, "texture", "test"):
+        image = data.load_image(sample.image)
+        tokens, _ = backbone.encode_images(backbone.preprocess(image)[None])
+        with torch.no_grad():
+            features = detector.patch_features(tokens)  # L x (1, N, C)
+        side = int(features[0].shape[1] ** 0.5)
+        paper = sum(torch.nn.functional.interpolate(  # softmax per patch, then the probability upsampled
+            (100.0 * f[0] @ text.T).softmax(dim=-1)[:, 1].reshape(1, 1, side, side), size=(size, size),
+            mode="bilinear", align_corners=False)[0, 0] for f in features)
+        ours = vlad.vision_language_maps(features, text[None], size).sum(dim=1)[0]
+        for name, anomaly_map in (("paper", paper), ("vlad.py", ours)):
+            maps[name].append(torch.nn.functional.interpolate(  # at the image's size, as predict writes it
+                anomaly_map[None, None], size=(image.height, image.width), mode="bilinear",
+                align_corners=False)[0, 0].numpy())
+        masks.append(np.zeros((image.height, image.width)) if sample.mask is None else data.load_mask(sample.mask))
+    return maps, masks
+
+
+def bench_vlad_eq8_order(seeds=(0, 1, 2)) -> None:
+    """Eq. 8's two orders on trained tiny VLADs (the tests' 4-block CLIP at 112 px, 7 x 7 patches of 16, trained
+    12 epochs on soft-mask anomalies, one run per seed), on 30 held-out images at 120 x 100 as predict writes
+    them: the paper's (softmax per patch, then upsample the abnormal probability) against vlad.py's (upsample
+    the two logits, then softmax, as APRIL-GAN; the losses need the logits at pixel resolution). M_VL alone
+    (zero-shot), where the order is the only difference."""
+    from test_all import VLAD_TINY_SIZE, build_tiny_clip, vlad_make_synthetic_dataset
+
+    torch.set_num_threads(1)
+    logging.disable(logging.WARNING)
+    size = VLAD_TINY_SIZE
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        model = build_tiny_clip(folder / "clip")
+        gen = vlad_make_synthetic_dataset(folder / "gen", n_train=4, n_good=0, n_bad=12, soft=True, seed=1)
+        held_out = vlad_make_synthetic_dataset(folder / "held_out", n_train=0, n_good=10, n_bad=20, size=(120, 100),
+                                               seed=2)
+        print("Eq. 8's order on trained tiny VLADs, 30 held-out images, M_VL in [0, 4] (4 stages), in %:")
+        for seed in seeds:
+            run = folder / f"run_{seed}"
+            with contextlib.redirect_stdout(io.StringIO()):  # its summary lines are not this benchmark's
+                assert vlad.main(["train", "--data", str(gen), "--out", str(run), "--model", model, "--image-size",
+                                  str(size), "--epochs", "12", "--lr", "1e-3", "--batch-size", "4", "--seed",
+                                  str(seed), "--workers", "0", "--quiet", "--cache-dir", str(folder / "tokens")]) == 0
+            maps, masks = vlad_eq8_maps(run, held_out, size)
+            difference = np.abs(np.stack(maps["paper"]) - np.stack(maps["vlad.py"]))
+            anomalous = np.stack(masks) > 0
+            values = {name: metrics.pixel_metrics(maps[name], masks) for name in maps}
+            print(f"  seed {seed}: |paper - vlad.py| max {difference.max():.3f}, mean {difference.mean():.4f} "
+                  f"({difference[anomalous].mean():.4f} on anomalous pixels, {difference[~anomalous].mean():.4f} on "
+                  f"normal ones)")
+            for name in maps:
+                print(f"    {name:8s} P-AUC {100 * values[name]['P-AUC']:6.2f}  "
+                      f"P-F1 {100 * values[name]['P-F1']:6.2f}  PRO {100 * values[name]['PRO']:6.2f}")
+
+
+def bench_vlad(protocol: bool = False, bank: bool = False, loader: bool = False, eq8: bool = False) -> None:
+    if eq8:
+        bench_vlad_eq8_order()
+        return
     if protocol:
         bench_vlad_protocol()
         return
     if bank:
         bench_vlad_memory_bank()
         return
+    if loader:
+        bench_vlad_loader()
+        return
     torch.set_num_threads(1)
     logging.disable(logging.WARNING)  # open_clip warns that the weights are random, which is the point here
+    bench_vlad_loader()
     vlad_bench_one("ViT-B-16", 224, "cpu", "fp32")
     if torch.cuda.is_available():
         vlad_bench_one("ViT-L-14-quickgelu", 518, "cuda", "fp16", n_images=64, n_predict=64)
@@ -564,6 +818,10 @@ def main(argv=None) -> int:
     vlad_parser.add_argument("--protocol", action="store_true",
                              help="reproduce.sh's shared token cache: bytes per image and the protocol's total")
     vlad_parser.add_argument("--bank", action="store_true", help="only the memory bank's peak memory")
+    vlad_parser.add_argument("--loader", action="store_true",
+                             help="only image loading: images/s with 0 and the default number of DataLoader workers")
+    vlad_parser.add_argument("--eq8", action="store_true",
+                             help="Eq. 8's two orders (softmax then upsample, or the reverse) on trained tiny VLADs")
     args = parser.parse_args(argv)
     if args.command == "metrics":
         bench_metrics()
@@ -577,7 +835,7 @@ def main(argv=None) -> int:
             return 2
         bench_cut(full=args.full)
     else:
-        bench_vlad(protocol=args.protocol, bank=args.bank)
+        bench_vlad(protocol=args.protocol, bank=args.bank, loader=args.loader, eq8=args.eq8)
     return 0
 
 

@@ -13,7 +13,12 @@ converter, k-shot selection, 8-connected region labelling of masks, sharding acr
 pictures people look at (a heat-map overlay and a contact sheet).
 
     python data.py info ROOT                 per-category counts, to check a download at a glance
+    python data.py categories ROOT           the category names, one a line (for scripts)
     python data.py k-shot ROOT CATEGORY K    the K normal images chosen for --seed (as vlad.py chooses them)
+    python data.py link-samples GEN DST --n N --image PATH ...
+                                             DST: the given normal images' first N samples of GEN, as links
+    python data.py settings --stage FOLDER NAME=VALUE ...
+                                             record what shaped FOLDER; refuse a value that differs
     python data.py visa-to-mvtec SRC DST     convert VisA's own layout into the MVTec layout
 """
 
@@ -24,6 +29,7 @@ import contextlib
 import csv
 import errno
 import fcntl
+import io
 import json
 import os
 import random
@@ -102,14 +108,23 @@ def load_mask(path, size: tuple[int, int] | None = None, binarize: bool = True) 
     return values.astype(np.float32) / 255.0
 
 
-def list_images(folder) -> list[Path]:
-    """The image files of one folder (not recursive), sorted by name. Hidden files are skipped: among them the
-    temporary file of an interrupted atomic write (.NAME.XXXX.tmp.png), which is not an image of the dataset."""
+def list_folders(folder) -> list[Path]:
+    """The sub-folders of one folder, sorted by name; hidden ones (.ipynb_checkpoints, .git) are skipped."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def list_images(folder, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> list[Path]:
+    """The image files of one folder (not recursive), sorted by name: the one listing every reader of dataset
+    and prediction folders uses. Hidden files are skipped: among them the temporary file of an interrupted
+    atomic write (.NAME.XXXXXXXX.tmp.png), which is not an image of the dataset."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
     return sorted(p for p in folder.iterdir()
-                  if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+                  if p.is_file() and p.suffix.lower() in extensions and not p.name.startswith("."))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -285,13 +300,27 @@ def check_output_file(path, flag: str) -> None:
     check_output_folder(path.parent, f"{flag} {path}: its folder")
 
 
+def save_bytes(blob: bytes, path) -> None:
+    """Write bytes atomically (e.g. `safetensors.torch.save(tensors, metadata)`: written here, in place, so the
+    writer's lock holds until the rename and a full disk names the bytes needed)."""
+    with atomic_path(path, size=len(blob)) as temporary:
+        temporary.write_bytes(blob)
+
+
+def _encoded(image: Image.Image, **options) -> bytes:
+    """The file's bytes, encoded in memory: PIL's encoders ignore a short write (a full disk), so an image saved
+    straight to a file can be cut short without an error; Python's own write raises."""
+    buffer = io.BytesIO()
+    image.save(buffer, **options)
+    return buffer.getvalue()
+
+
 def save_image(image, path) -> None:
     """Save a PIL image or a uint8 array ((H, W) or (H, W, 3)) atomically; the format follows the suffix."""
     if isinstance(image, np.ndarray):
         image = Image.fromarray(np.ascontiguousarray(image))
     fmt = Image.registered_extensions().get(Path(path).suffix.lower(), "PNG")
-    with atomic_path(path) as temporary:
-        image.save(temporary, format=fmt)
+    save_bytes(_encoded(image, format=fmt), path)
 
 
 def save_mask(mask: np.ndarray, path) -> None:
@@ -307,8 +336,7 @@ def save_tiff(array: np.ndarray, path) -> None:
     array = np.asarray(array, dtype=np.float32)
     if array.ndim != 2:
         raise ValueError(f"{path}: an anomaly map must be (H, W), got shape {array.shape}")
-    with atomic_path(path) as temporary:
-        Image.fromarray(np.ascontiguousarray(array), mode="F").save(temporary, format="TIFF")
+    save_bytes(_encoded(Image.fromarray(np.ascontiguousarray(array), mode="F"), format="TIFF"), path)
 
 
 def load_tiff(path) -> np.ndarray:
@@ -318,15 +346,7 @@ def load_tiff(path) -> np.ndarray:
 
 
 def save_text(text: str, path) -> None:
-    with atomic_path(path) as temporary:
-        temporary.write_text(text, encoding="utf-8")
-
-
-def save_bytes(blob: bytes, path) -> None:
-    """Write bytes atomically (e.g. `safetensors.torch.save(tensors, metadata)`: written here, in place, so the
-    writer's lock holds until the rename and a full disk names the bytes needed)."""
-    with atomic_path(path, size=len(blob)) as temporary:
-        temporary.write_bytes(blob)
+    save_bytes(text.encode("utf-8"), path)
 
 
 def save_json(obj, path) -> None:
@@ -361,7 +381,7 @@ def read_jsonl(path) -> list[dict]:
     if not path.is_file():
         return []
     records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_text(encoding="utf-8-sig").splitlines():
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:
@@ -388,7 +408,7 @@ def list_categories(root) -> list[str]:
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: no such dataset folder.")
-    return sorted(p.name for p in root.iterdir() if (p / "train").is_dir() or (p / "test").is_dir())
+    return [p.name for p in list_folders(root) if (p / "train").is_dir() or (p / "test").is_dir()]
 
 
 def mask_path(root, category: str, defect: str, stem: str) -> Path:
@@ -414,8 +434,7 @@ def read_split(root, category: str, split: str) -> list[Sample]:
         known = ", ".join(categories) or "none"
         raise DataError(f"{root}: unknown category {category!r} (categories found: {known}).")
     split_dir = root / category / split
-    defects = sorted((p.name for p in split_dir.iterdir() if p.is_dir()), key=lambda d: (d != "good", d)) \
-        if split_dir.is_dir() else []
+    defects = sorted((p.name for p in list_folders(split_dir)), key=lambda d: (d != "good", d))
     samples = []
     for defect in defects:
         for image in list_images(split_dir / defect):
@@ -467,6 +486,89 @@ def k_shot_images(root, category: str, k: int | None, seed: int) -> list[Path]:
     if k > len(normals):
         raise DataError(f"{where}: --k-shot {k} asks for more normal images than the {len(normals)} there are.")
     return select_k_shot(normals, k, seed)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Generated sets shared by several runs, and the record of the settings that shaped a folder (reproduce.sh)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _link(source: Path, link: Path) -> None:
+    """A relative symbolic link `link` -> `source` (OUT can be moved whole); one that is already there is kept.
+    symlink() is atomic: the link exists whole or not at all."""
+    if not source.is_file():
+        raise DataError(f"{source}: missing; generate it again (cut.py resumes).")
+    link.parent.mkdir(parents=True, exist_ok=True)
+    relative = os.path.relpath(source.resolve(), link.parent.resolve())
+    if link.is_symlink() and os.readlink(link) == relative:
+        return
+    if link.exists() or link.is_symlink():
+        raise DataError(f"{link}: exists and is not a link to {source}; remove it or choose another output "
+                        f"folder.")
+    os.symlink(relative, link)
+
+
+def link_samples(generated, target, sources: list, n: int) -> int:
+    """TARGET = the generated set GENERATED (cut.py's output) restricted to some normal images: per category the
+    copy of each source in train/good and its n samples of lowest seed (image and mask), as relative symbolic
+    links into GENERATED, and their meta.jsonl lines. Every reader of the MVTec layout reads TARGET as a
+    generated set of its own, and content-keyed caches see the very same files. So the k-shot runs of one seed
+    share one generation and each trains on its own k images only. Returns the number of samples linked."""
+    generated, target = Path(generated), Path(target)
+    wanted = {Path(source).resolve(): Path(source) for source in sources}
+    found: dict[Path, tuple[str, dict[str, dict]]] = {}  # source -> (category, {image: its last meta record})
+    for category in list_categories(generated):
+        for record in read_jsonl(generated / category / "meta.jsonl"):
+            source = Path(str(record.get("source", ""))).resolve()
+            if source in wanted and "image" in record:
+                found.setdefault(source, (category, {}))[1][record["image"]] = record
+    meta: dict[str, list[dict]] = {}
+    for source, given in sorted(wanted.items()):
+        category, records = found.get(source, (None, {}))
+        chosen = sorted(records.values(), key=lambda record: record["seed"])[:n]
+        if len(chosen) < n:
+            raise DataError(f"{generated}: holds {len(chosen)} samples of {given}, not the {n} asked for; "
+                            f"generate them first (cut.py --n {n}).")
+        for relative in [f"train/good/{source.stem}.png"] + [r[name] for r in chosen for name in ("image", "mask")]:
+            _link(generated / category / relative, target / category / relative)
+        meta.setdefault(category, []).extend(chosen)
+    for category, records in meta.items():
+        text = "".join(json.dumps(record, separators=(",", ":")) + "\n" for record in records)
+        path = target / category / "meta.jsonl"
+        if not path.is_file() or path.read_text(encoding="utf-8") != text:
+            save_text(text, path)
+    return sum(len(records) for records in meta.values())
+
+
+SETTINGS_FILE = "settings.json"
+
+
+def record_settings(stages: list[tuple[Path, dict[str, str]]]) -> None:
+    """Each FOLDER/settings.json holds the settings that shaped FOLDER, recorded when it is first used. A value
+    that differs from the recorded one is a DataError naming the setting and both values, so a folder is never
+    silently reused under other settings; nothing is written unless every folder agrees."""
+    new = []
+    for folder, settings in stages:
+        folder = Path(folder)
+        record = folder / SETTINGS_FILE
+        if not record.is_file():
+            if folder.is_dir() and any(not p.name.startswith(".") for p in folder.iterdir()):
+                raise DataError(f"{folder}: holds results but no {SETTINGS_FILE} (made by an older reproduce.sh, "
+                                f"which recorded no settings); choose another output folder.")
+            new.append((folder, settings))
+            continue
+        try:
+            recorded = json.loads(record.read_text(encoding="utf-8-sig"))
+        except (OSError, ValueError) as error:
+            raise DataError(f"{record}: cannot be read ({error}); restore it or choose another output "
+                            f"folder.") from None
+        for name, value in settings.items():
+            if recorded.get(name) != value:
+                before = "not recorded" if name not in recorded else f"{name}={recorded[name]!r}"
+                raise DataError(f"{name}={value!r} differs from {before} in {record}, with which {folder} was "
+                                f"made; set {name} back to continue it, or choose another output folder.")
+    for folder, settings in new:
+        save_json(settings, folder / SETTINGS_FILE)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -567,37 +669,33 @@ def _plan_visa(source: Path, table: Path) -> tuple[list[_VisaJob], dict[str, dic
     return jobs, counts
 
 
+def _inside(root: Path, relative: str) -> bool:
+    """True when ROOT/relative is a file path strictly inside ROOT (no '..', not absolute)."""
+    parts = Path(relative).parts
+    return bool(parts) and not Path(relative).is_absolute() and ".." not in parts
+
+
 def _source_identity(path: Path) -> dict:
     """What a manifest line records of a VisA file: its resolved path, size and modification time."""
     stat = path.stat()
     return {"source": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
-def _remove_stale_outputs(target: Path, categories: set[str], wanted: set[str]) -> list[str]:
-    """Remove from TARGET/<category>/{train,test,ground_truth}/<defect>/ of the given categories every image, and
-    every temporary file of an interrupted write, that the conversion does not write now (a previous run's
-    output under another split, label or category; an image the csv no longer lists), then the folders this
-    empties. Returns the removed files, relative to TARGET."""
+def _remove_stale_outputs(target: Path, written_before: set[str], wanted: set[str]) -> list[str]:
+    """Remove what a previous conversion wrote (its manifest lists it) and this one does not write now (an image
+    the csv no longer lists, or lists under another split, label or category), then the folders this empties.
+    Nothing else is ever removed: a file of the user's own in TARGET stays. Returns the removed files, relative
+    to TARGET."""
     removed = []
-    for category in sorted(categories):
-        for part in ("train", "test", "ground_truth"):
-            base = target / category / part
-            if not base.is_dir():
-                continue
-            for folder in sorted(p for p in base.iterdir() if p.is_dir()):
-                for file in sorted(folder.iterdir()):
-                    relative = file.relative_to(target).as_posix()
-                    interrupted = file.name.startswith(".") and ".tmp" in file.name  # atomic_path's temporary
-                    ours = file.suffix.lower() in IMAGE_EXTENSIONS or interrupted
-                    if file.is_file() and ours and relative not in wanted:
-                        file.unlink()
-                        removed.append(relative)
-                if not any(folder.iterdir()):
-                    folder.rmdir()
-            if not any(base.iterdir()):
-                base.rmdir()
-        if (target / category).is_dir() and not any((target / category).iterdir()):
-            (target / category).rmdir()
+    for relative in sorted(written_before - wanted):
+        file = target / relative
+        if file.is_file():
+            file.unlink()
+            removed.append(relative)
+            for folder in file.parents:  # train/good, train, the category: up to TARGET itself
+                if folder == target or any(folder.iterdir()):
+                    break
+                folder.rmdir()
     return removed
 
 
@@ -609,8 +707,10 @@ def visa_to_mvtec(source, target, progress: bool = True) -> dict:
     The whole csv is checked first (fields, labels, splits, that every image and every anomalous row's mask
     exists, that no two rows write one file), so a bad row writes nothing. A re-run converges to what a fresh
     conversion of the current csv gives: a file is kept only when TARGET/visa_to_mvtec.jsonl says it was made
-    from the same VisA file (path, size, mtime), the rest is rewritten, and images a previous run left that the
-    csv no longer lists (under another split, label or category) are removed.
+    from the same VisA file (path, size, mtime), the rest is rewritten, and files a previous conversion wrote
+    that the csv no longer lists (under another split, label or category) are removed. Only those: the manifest
+    says what the conversion wrote, a TARGET that holds files without one is refused, and a file of the user's
+    own added later is never touched.
 
     Returns {"counts": per category {split/defect: images}, "written": files, "kept": files, "removed": files}.
     """
@@ -619,13 +719,19 @@ def visa_to_mvtec(source, target, progress: bool = True) -> dict:
     if not table.is_file():
         raise DataError(f"{table}: not found; SRC must be the VisA root that holds {VISA_TABLE}.")
     check_output_folder(target, "DST")
+    manifest = target / VISA_MANIFEST
+    if target.is_dir() and not manifest.is_file() and any(p.is_file() for p in target.rglob("*")):
+        raise DataError(f"DST {target}: holds files that visa-to-mvtec did not write (no {VISA_MANIFEST}); "
+                        f"convert into a new or empty folder.")
     jobs, counts = _plan_visa(source, table)
 
-    manifest = target / VISA_MANIFEST
     done = {record.get("target"): record for record in read_jsonl(manifest) if isinstance(record, dict)}
-    earlier = {t.split("/")[0] for t in done if isinstance(t, str) and "/" in t}  # categories a run wrote
-    categories = set(counts) | {c for c in earlier if c not in ("", ".", "..") and "\\" not in c}
-    removed = _remove_stale_outputs(target, categories, {job.target for job in jobs})
+    ours = {t for t in done if isinstance(t, str) and _inside(target, t)}  # a manifest is data: trust no path
+    removed = _remove_stale_outputs(target, ours, {job.target for job in jobs})
+    if not manifest.is_file():
+        save_text("", manifest)  # before the first image: an interrupted first conversion is still ours
+    elif target.is_dir():
+        remove_dead_temporaries(target, recursive=True)  # an interrupted run's half-written files
     try:
         from tqdm import tqdm
         jobs_iter = tqdm(jobs, desc="visa-to-mvtec", unit="file", disable=None if progress else True)
@@ -843,11 +949,22 @@ def main(argv=None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     info = commands.add_parser("info", help="per-category counts of an MVTec-layout root")
     info.add_argument("root", help="dataset root, e.g. mvtec_anomaly_detection/")
+    names = commands.add_parser("categories", help="print the category names of an MVTec-layout root, one a line")
+    names.add_argument("root", help="MVTec-layout root")
     shots = commands.add_parser("k-shot", help="print the k normal images of a category chosen for a seed")
     shots.add_argument("root", help="MVTec-layout root")
     shots.add_argument("category")
     shots.add_argument("k", help="number of normal images, or 'all'")
     shots.add_argument("--seed", type=int, default=0)
+    shots.add_argument("--out", type=Path, help="write the list to this file (atomically) instead of printing it")
+    links = commands.add_parser("link-samples", help="a generated set of only some normal images, as links")
+    links.add_argument("generated", type=Path, help="cut.py's output root")
+    links.add_argument("target", type=Path, help="the root to hold the links")
+    links.add_argument("--image", action="append", required=True, type=Path, help="a normal image (repeatable)")
+    links.add_argument("--n", type=int, required=True, help="samples per image: those of the n lowest seeds")
+    record = commands.add_parser("settings", help="record the settings that shape folders; refuse a changed one")
+    record.add_argument("--stage", nargs="+", action="append", required=True, metavar="FOLDER NAME=VALUE",
+                        help="a folder and the NAME=VALUE settings that shape it (repeatable)")
     convert = commands.add_parser("visa-to-mvtec", help="convert VisA's layout into the MVTec layout")
     convert.add_argument("source", help="VisA root (holds split_csv/1cls.csv)")
     convert.add_argument("target", help="output MVTec-layout root")
@@ -862,8 +979,28 @@ def main(argv=None) -> int:
                 defects = ", ".join(f"{name} {count}" for name, count in row["defects"].items()) or "-"
                 print(f"{row['category']:<16}{row['train_good']:>11}{row['test_good']:>10}"
                       f"{row['test_anomalous']:>10}{row['masks']:>7}  {defects}")
+        elif args.command == "categories":
+            categories = list_categories(args.root)
+            if not categories:
+                raise DataError(f"{args.root}: no category folders with train/ or test/ inside.")
+            print("\n".join(categories))
         elif args.command == "k-shot":
-            print("\n".join(map(str, k_shot_images(args.root, args.category, parse_k_shot(args.k), args.seed))))
+            text = "\n".join(map(str, k_shot_images(args.root, args.category, parse_k_shot(args.k), args.seed)))
+            if args.out is None:
+                print(text)
+            else:
+                save_text(text + "\n", args.out)
+        elif args.command == "link-samples":
+            count = link_samples(args.generated, args.target, args.image, args.n)
+            print(f"linked {count} samples of {len(set(args.image))} normal images of {args.generated} into "
+                  f"{args.target}")
+        elif args.command == "settings":
+            stages = []
+            for folder, *settings in args.stage:
+                if not all("=" in setting for setting in settings):
+                    raise DataError(f"--stage {folder}: settings are NAME=VALUE, got {settings}.")
+                stages.append((Path(folder), dict(setting.split("=", 1) for setting in settings)))
+            record_settings(stages)
         else:
             result = visa_to_mvtec(args.source, args.target)
             total = sum(sum(c.values()) for c in result["counts"].values())

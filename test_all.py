@@ -14,11 +14,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import csv
+import dataclasses
 import errno
 import gzip
 import io
 import json
 import math
+import pickle
 import re
 import shutil
 import subprocess
@@ -273,17 +275,20 @@ def test_a_full_disk_is_one_sentence_naming_the_folder_and_leaves_nothing(tmp_pa
     assert data.disk_full_error(tmp_path, OSError(errno.EACCES, "Permission denied")) is None
 
 
-def small_disk_command(folder: Path, kilobytes: int, *command) -> list[str]:
+def small_disk_command(folder: Path, kilobytes: int, *command, fill: bool = False) -> list[str]:
     """`command` run with `folder` on a tmpfs of that size, in a private mount namespace (no root needed where
-    user namespaces are allowed); afterwards every file left in the folder is listed, one per line."""
-    script = (f'mount -t tmpfs -o size={kilobytes}k none "$0" || exit 99; "$@"; rc=$?; '
+    user namespaces are allowed); `fill` first fills it with a file named filler. Afterwards every file left in
+    the folder is listed, one per line."""
+    filler = 'dd if=/dev/zero of="$0/filler" bs=1k 2>/dev/null; ' if fill else ""
+    script = (f'mount -t tmpfs -o size={kilobytes}k none "$0" || exit 99; {filler}"$@"; rc=$?; '
               f'find "$0" -type f | sort; exit $rc')
     return ["unshare", "-rm", "sh", "-c", script, str(folder), *map(str, command)]
 
 
-def run_on_a_small_disk(folder: Path, kilobytes: int, *args):
+def run_on_a_small_disk(folder: Path, kilobytes: int, *args, fill: bool = False):
+    """Run `python ARGS` (a toolkit CLI or -c code) with `folder` on a tiny tmpfs; see small_disk_command."""
     folder.mkdir(parents=True, exist_ok=True)
-    result = subprocess.run(small_disk_command(folder, kilobytes, sys.executable, *args), cwd=HERE,
+    result = subprocess.run(small_disk_command(folder, kilobytes, sys.executable, *args, fill=fill), cwd=HERE,
                             capture_output=True, text=True, timeout=600,
                             env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1"))
     if result.returncode == 99:
@@ -291,14 +296,19 @@ def run_on_a_small_disk(folder: Path, kilobytes: int, *args):
     return result
 
 
-def test_a_real_full_disk_is_one_sentence_and_leaves_no_temporary(tmp_path):
-    code = ("import sys; sys.path.insert(0, '.'); import data\n"
-            "try:\n    data.save_bytes(b'x' * 200_000, sys.argv[1] + '/big.bin')\n"
+@pytest.mark.parametrize("write", ["data.save_bytes(b'x' * 200_000, disk + '/big.bin')",
+                                   "data.save_image(noise, disk + '/big.png')",  # PIL ignores a short write
+                                   "data.save_tiff(noise[..., 0] / 255, disk + '/big.tiff')"])
+def test_a_real_full_disk_is_one_sentence_and_leaves_no_file(tmp_path, write):
+    code = ("import sys; sys.path.insert(0, '.'); import data, numpy\ndisk = sys.argv[1]\n"
+            "noise = numpy.random.default_rng(0).integers(0, 256, (160, 160, 3), dtype=numpy.uint8)\n"
+            f"try:\n    {write}\n"
             "except data.DataError as error:\n    print(error, file=sys.stderr); sys.exit(2)")
     result = run_on_a_small_disk(tmp_path / "disk", 64, "-c", code, tmp_path / "disk")
     assert result.returncode == 2, result.stderr
-    assert result.stderr.startswith(f"{tmp_path / 'disk'}: the disk is full (200,000 bytes needed, 0 bytes free)")
-    assert result.stdout == ""  # no file at all is left on the full disk
+    assert re.match(rf"{re.escape(str(tmp_path / 'disk'))}: the disk is full \([\d,]+ bytes needed, 0 bytes free\)",
+                    result.stderr), result.stderr
+    assert result.stdout == ""  # no file at all is left on the full disk: neither a temporary nor a cut-short one
 
 
 def test_jsonl_reader_ignores_torn_last_line(tmp_path):
@@ -438,19 +448,50 @@ def test_visa_reconversion_after_a_corrected_csv_equals_a_fresh_conversion(tmp_p
     target = tmp_path / "mvtec"
     assert data.main(["visa-to-mvtec", str(source), str(target)]) == 0
     assert (target / "candle/train/good/0002.png").is_file() and (target / "pcb/train/good/0000.png").is_file()
-    (target / "candle/test/bad/.001.png.k2x9.tmp.png").write_bytes(b"half an image")  # a killed write
+    (target / "candle/test/bad/.001.png.k2x9_AB7.tmp.png").write_bytes(b"half an image")  # a killed write
+    (target / "candle/train/good/my_extra_photo.png").write_bytes(b"the user's own")
     capsys.readouterr()
 
     data_save_visa_rows(source, correct)
     assert data.main(["visa-to-mvtec", str(source), str(target)]) == 0
     out = capsys.readouterr().out
     assert data.main(["visa-to-mvtec", str(source), str(tmp_path / "fresh")]) == 0
+    assert (target / "candle/train/good/my_extra_photo.png").read_bytes() == b"the user's own"  # never removed
+    (target / "candle/train/good/my_extra_photo.png").unlink()
     assert data_tree_files(target) == data_tree_files(tmp_path / "fresh")  # masks, images, manifest: all equal
-    assert "3 removed that the csv no longer lists" in out
+    assert "2 removed that the csv no longer lists" in out  # what the first run wrote; the dead temporary too
     assert [row["category"] for row in data.describe(target)] == ["candle", "pcb1"]
     capsys.readouterr()
     assert data.main(["visa-to-mvtec", str(source), str(target)]) == 0  # a third run has nothing to do
     assert "0 files written, 14 kept from a previous run" in capsys.readouterr().out
+
+
+def test_visa_conversion_refuses_a_folder_of_other_files_and_keeps_them(tmp_path, capsys):
+    source, target = tmp_path / "visa", tmp_path / "mine"
+    data_write_visa_tree(source)
+    (target / "candle/train/good").mkdir(parents=True)
+    (target / "candle/train/good/my_photo.png").write_bytes(b"mine")
+    assert data.main(["visa-to-mvtec", str(source), str(target)]) == 2
+    error = capsys.readouterr().err
+    assert error == (f"error: DST {target}: holds files that visa-to-mvtec did not write (no visa_to_mvtec.jsonl); "
+                     f"convert into a new or empty folder.\n")
+    assert data_tree_files(target) == {"candle/train/good/my_photo.png": b"mine"}
+    (target / "candle/train/good/my_photo.png").unlink()
+    assert data.main(["visa-to-mvtec", str(source), str(target)]) == 0  # empty folders are fine
+
+
+def test_visa_conversion_resumes_an_interrupted_first_run_into_its_own_folder(tmp_path):
+    source, target = tmp_path / "visa", tmp_path / "mvtec"
+    data_write_visa_tree(source)
+    code = ("import sys, data\nreal = data.save_image\ncalls = []\n"
+            "def dying(image, path):\n    calls.append(path)\n    real(image, path)\n"
+            "    if len(calls) == 3: import os; os.kill(os.getpid(), 9)\n"
+            "data.save_image = dying\ndata.main(['visa-to-mvtec', sys.argv[1], sys.argv[2]])")
+    killed = subprocess.run([sys.executable, "-c", code, source, target], cwd=HERE, capture_output=True)
+    assert killed.returncode == -9 and len([p for p in target.rglob("*.png")]) == 3
+    assert run_cli("data.py", "visa-to-mvtec", source, target).returncode == 0  # its manifest says it is ours
+    assert run_cli("data.py", "visa-to-mvtec", source, tmp_path / "fresh").returncode == 0
+    assert data_tree_files(target) == data_tree_files(tmp_path / "fresh")
 
 
 def test_visa_conversion_refuses_a_target_it_cannot_write_before_converting(tmp_path, capsys):
@@ -497,6 +538,71 @@ def test_k_shot_cli_prints_the_same_images_as_select_k_shot(tmp_path):
     assert run_cli("data.py", "k-shot", tmp_path, "bottle", "all").stdout.split() == [str(p) for p in normals]
     result = run_cli("data.py", "k-shot", tmp_path, "bottle", "9")
     assert result.returncode == 2 and "k-shot 9" in result.stderr
+
+
+def test_categories_cli_prints_one_name_a_line_with_spaces_kept(tmp_path):
+    for category in ("metal nut", "bottle"):
+        data.save_image(np.zeros((8, 8, 3), np.uint8), tmp_path / category / "train/good/000.png")
+    result = run_cli("data.py", "categories", tmp_path)
+    assert result.returncode == 0 and result.stdout.splitlines() == ["bottle", "metal nut"]
+    result = run_cli("data.py", "categories", tmp_path / "bottle")
+    assert result.returncode == 2 and "no category folders" in result.stderr
+
+
+def data_write_generated(out: Path, category: str, sources: list[Path], seeds) -> None:
+    """cut.py's output for `sources` (one distinct image per sample), its meta lines in a shuffled order."""
+    records = []
+    for source in sources:
+        data.save_image(data.load_image(source), out / category / "train/good" / f"{source.stem}.png")
+        for seed in seeds:
+            name = f"{source.stem}_{seed}"
+            data.save_image(np.full((8, 8, 3), seed, np.uint8), out / category / "test/damaged" / f"{name}.png")
+            data.save_mask(np.eye(8), data.mask_path(out, category, "damaged", name))
+            records.append({"image": f"test/damaged/{name}.png", "mask": f"ground_truth/damaged/{name}_mask.png",
+                            "source": str(source), "seed": seed})
+    for record in reversed(records):
+        data.append_jsonl(record, out / category / "meta.jsonl")
+
+
+def test_link_samples_links_the_n_lowest_seeds_of_the_given_images_only_and_refuses_too_few(tmp_path):
+    data_write_mvtec_tree(tmp_path / "data")
+    normals = sorted(s.image for s in data.read_split(tmp_path / "data", "bottle", "train"))
+    pool = tmp_path / "pool"
+    data_write_generated(pool, "bottle", normals, seeds=(0, 1, 2))
+    target = tmp_path / "k1" / "generated"
+    assert data.link_samples(pool, target, [normals[1]], 2) == 2
+    assert run_cli("data.py", "link-samples", pool, target, "--n", "2", "--image", normals[1]).returncode == 0
+    files = sorted(p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file())
+    stem = normals[1].stem
+    assert files == ["bottle/ground_truth/damaged/" + f"{stem}_{i}_mask.png" for i in (0, 1)] + \
+        ["bottle/meta.jsonl"] + [f"bottle/test/damaged/{stem}_{i}.png" for i in (0, 1)] + [f"bottle/train/good/{stem}.png"]
+    for link in (p for p in target.rglob("*") if p.is_symlink()):   # relative: OUT can be moved whole
+        assert not os.path.isabs(os.readlink(link))
+        assert link.resolve() == (pool / link.relative_to(target)).resolve()
+    assert [(s.defect, s.image.name, s.label) for s in data.read_split(target, "bottle", "test")] == \
+        [("damaged", f"{stem}_{i}.png", 1) for i in (0, 1)]
+    assert [r["seed"] for r in data.read_jsonl(target / "bottle/meta.jsonl")] == [0, 1]
+    result = run_cli("data.py", "link-samples", pool, tmp_path / "k4", "--n", "4", "--image", normals[0])
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        f"error: {pool}: holds 3 samples of {normals[0]}, not the 4 asked for; generate them first (cut.py --n 4)."]
+    assert not (tmp_path / "k4").exists()
+
+
+def test_settings_refuse_a_changed_value_naming_both_values_and_write_nothing(tmp_path):
+    first, second = tmp_path / "seed0", tmp_path / "k1_seed0"
+    assert run_cli("data.py", "settings", "--stage", first, "N_FEW=100", "PROMPT=a {cls}").returncode == 0
+    assert json.loads((first / "settings.json").read_text()) == {"N_FEW": "100", "PROMPT": "a {cls}"}
+    result = run_cli("data.py", "settings", "--stage", second, "N_FEW=50", "--stage", first, "N_FEW=50",
+                     "PROMPT=a {cls}")
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        f"error: N_FEW='50' differs from N_FEW='100' in {first / 'settings.json'}, with which {first} was made; "
+        f"set N_FEW back to continue it, or choose another output folder."]
+    assert not second.exists()                                  # the other folder's record is not written either
+    assert run_cli("data.py", "settings", "--stage", first, "N_FEW=100", "CUT_ARGS=").returncode == 2  # not recorded
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "generated").mkdir()                   # results of a version that recorded nothing
+    result = run_cli("data.py", "settings", "--stage", tmp_path / "old", "N_FEW=100")
+    assert result.returncode == 2 and "holds results but no settings.json" in result.stderr
 
 
 # =========================================================================================================
@@ -846,6 +952,35 @@ def test_cli_prints_the_table_and_writes_json_equal_to_the_functions(tmp_path):
     assert written["info"]["widget"] == {"images": 8, "anomalous": 5, "map_size": [16, 16], "map_sizes": [[16, 16]],
                                          "masks_resized": 0, "first_mask_resized": None}
     assert "resized" not in result.stdout
+
+
+def test_cli_skips_an_interrupted_writes_temporaries_and_hidden_folders_and_reads_a_bom_csv(tmp_path):
+    gt, pred, expected = metrics_write_trees(tmp_path, categories=("widget",))
+    crack = pred / "widget/test/crack"
+    (crack / ".000.tiff.k2x9ab_z.tmp.tiff").write_bytes((crack / "000.tiff").read_bytes()[:100])  # kill -9
+    for root in (pred, gt):  # a notebook's or a file manager's hidden folders
+        (root / "widget/test/.ipynb_checkpoints").mkdir()
+        (root / ".Trash-1000/test").mkdir(parents=True)
+    scores = pred / "widget/scores.csv"
+    scores.write_bytes(b"\xef\xbb\xbf" + scores.read_bytes().replace(b"\n", b"\r\n"))  # saved by a spreadsheet
+    result = run_cli("metrics.py", "--pred", pred, "--gt", gt, "--json", tmp_path / "run.json")
+    assert result.returncode == 0, result.stderr
+    written = json.loads((tmp_path / "run.json").read_text())
+    assert list(written["categories"]) == ["widget"]
+    for m in metrics.METRICS:
+        assert written["categories"]["widget"][m] == pytest.approx(expected["widget"][m], abs=1e-12)
+
+
+def test_cli_json_on_a_full_disk_is_one_sentence_and_leaves_nothing(tmp_path):
+    gt, pred, _ = metrics_write_trees(tmp_path, categories=("widget",))
+    disk = tmp_path / "disk"
+    result = run_on_a_small_disk(disk, 16, "metrics.py", "--pred", pred, "--gt", gt, "--json", disk / "run.json",
+                                 fill=True)
+    assert result.returncode == 2, result.stderr
+    error = result.stderr.strip().splitlines()
+    assert len(error) == 1 and re.match(rf"error: {re.escape(str(disk))}: the disk is full \([\d,]+ bytes needed, "
+                                        rf"0 bytes free\)", error[0]), error
+    assert result.stdout.splitlines() == [str(disk / "filler")]  # no json, no temporary
 
 
 def test_cli_resizes_masks_to_the_map_size_and_says_so(tmp_path):
@@ -2397,9 +2532,12 @@ def vlad_make_synthetic_dataset(root, categories=("texture",), n_train: int = 4,
 
 
 def vlad_train_args(model: str, gen: Path, out: Path, *extra) -> list[str]:
-    """A train command line; the token cache is the folder `tokens` beside OUT (never the user's ~/.cache)."""
+    """A train command line; the token cache is the folder `tokens` beside OUT (never the user's ~/.cache).
+    Images are decoded in the main process (starting worker processes costs ~0.2 s per loader on 2 busy cores);
+    the tests of the loader pass --workers 2 in `extra`, which wins."""
     return ["train", "--data", str(gen), "--out", str(out), "--model", model, "--image-size", str(VLAD_TINY_SIZE),
-            "--batch-size", "4", "--quiet", "--cache-dir", str(Path(out).parent / "tokens"), *map(str, extra)]
+            "--batch-size", "4", "--quiet", "--cache-dir", str(Path(out).parent / "tokens"), "--workers", "0",
+            *map(str, extra)]
 
 
 def vlad_logits(probability: torch.Tensor, dim: int) -> torch.Tensor:
@@ -2832,14 +2970,11 @@ def test_sharded_prediction_equals_unsharded_and_last_shard_writes_scores(vlad_t
     assert vlad.main(common + ["--out", str(tmp_path / "two"), "--shard", "0/2"]) == 0
     assert not (tmp_path / "two/texture/scores.csv").exists()
     assert vlad.main(common + ["--out", str(tmp_path / "two"), "--shard", "1/2"]) == 0
-    one_scores = (tmp_path / "one/texture/scores.csv").read_text().splitlines()
-    two_scores = (tmp_path / "two/texture/scores.csv").read_text().splitlines()
-    assert [r.split(",")[0] for r in one_scores] == [r.split(",")[0] for r in two_scores]
-    np.testing.assert_allclose([float(r.split(",")[1]) for r in one_scores[1:]],
-                               [float(r.split(",")[1]) for r in two_scores[1:]], atol=1e-5)
-    for tiff in sorted((tmp_path / "one/texture/test").rglob("*.tiff")):
-        other = tmp_path / "two" / tiff.relative_to(tmp_path / "one")
-        np.testing.assert_allclose(data.load_tiff(tiff), data.load_tiff(other), atol=1e-5)
+    assert (tmp_path / "one/texture/scores.csv").read_text() == (tmp_path / "two/texture/scores.csv").read_text()
+    tiffs = sorted((tmp_path / "one/texture/test").rglob("*.tiff"))
+    assert len(tiffs) == 9
+    for tiff in tiffs:  # the same bits: each image is encoded and scored alone, whichever shard takes it
+        assert tiff.read_bytes() == (tmp_path / "two" / tiff.relative_to(tmp_path / "one")).read_bytes()
     # a re-run finds every image done and rewrites nothing
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "one").rglob("*.tiff")}
     assert vlad.main(common + ["--out", str(tmp_path / "one")]) == 0
@@ -2857,18 +2992,112 @@ def test_checkpoint_is_safetensors_and_json_and_matches_config(vlad_trained_run)
     assert adapters["image_adapter.weight"].shape == (32, 32)
 
 
-def test_cached_and_uncached_training_give_the_same_adapter_weights(vlad_tiny_clip, tmp_path):
+def vlad_count_loader_workers(monkeypatch) -> list[int]:
+    """The num_workers of every DataLoader vlad.py makes from now on, in order."""
+    workers, make_loader = [], torch.utils.data.DataLoader
+
+    def counting_loader(*args, **kwargs):
+        workers.append(kwargs["num_workers"])
+        return make_loader(*args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.data, "DataLoader", counting_loader)
+    return workers
+
+
+def test_image_batches_are_the_same_tensors_in_order_for_every_worker_count_and_never_hold_the_backbone(
+        vlad_tiny_clip, tmp_path, monkeypatch):
+    root = vlad_make_synthetic_dataset(tmp_path / "data", n_train=0, n_good=2, n_bad=3, size=(120, 100), soft=True)
+    samples = data.read_split(root, "texture", "test")
+    backbone = vlad.Backbone(vlad_tiny_clip, None, VLAD_TINY_SIZE)
+    dataset = vlad.ImageDataset([s.image for s in samples], VLAD_TINY_SIZE, backbone.mean, backbone.std,
+                                masks=[s.mask for s in samples], originals=True)
+    assert len(pickle.dumps(dataset)) < 10_000  # what a spawned worker receives: paths and numbers, no model
+    batches = [[4, 0], [2], [1, 3]]  # any order the caller asks for, e.g. an epoch's shuffle
+    workers = vlad_count_loader_workers(monkeypatch)
+    for count in (0, 2):
+        received = list(vlad.image_batches(dataset, batches, count))
+        assert len(received) == 3
+        for indices, batch in zip(batches, received):
+            for row, index in enumerate(indices):  # the image read here, in this process, by the backbone's own code
+                image = data.load_image(samples[index].image)
+                assert torch.equal(batch["pixels"][row], backbone.preprocess(image))
+                assert torch.equal(batch["image"][row], torch.from_numpy(np.array(image)))
+                mask = samples[index].mask
+                expected = np.zeros((VLAD_TINY_SIZE,) * 2) if mask is None else \
+                    np.rint(data.load_mask(mask, (VLAD_TINY_SIZE,) * 2, binarize=False) * 255)
+                assert np.array_equal(batch["y_pix"][row].numpy(), expected) and batch["y_pix"].dtype == torch.uint8
+    assert workers == [0, 2]  # the second pass did decode in two worker processes
+
+
+def test_every_cache_mode_and_worker_count_trains_the_same_weights_bit_for_bit(vlad_tiny_clip, tmp_path, monkeypatch):
     gen = vlad_make_synthetic_dataset(tmp_path / "gen", n_train=2, n_good=0, n_bad=4, soft=True)
-    for cache in ("disk", "memory", "none"):
+    workers = vlad_count_loader_workers(monkeypatch)
+    for cache, count in (("disk", 0), ("memory", 2), ("none", 2)):
         assert vlad.main(vlad_train_args(vlad_tiny_clip, gen, tmp_path / cache, "--epochs", "2", "--cache", cache,
-                                         "--extract-batch", "3")) == 0
+                                         "--extract-batch", "3", "--workers", count)) == 0
+    # disk and memory fill 6 images in 2 batches; none decodes each epoch's 2 batches of 4 again, in workers
+    assert workers == [0, 2, 2, 2]
     assert len(list((tmp_path / "tokens").rglob("*.safetensors"))) == 6  # only the disk run writes a cache
     uncached = load_file(str(tmp_path / "none/vlad.safetensors"))
     for cache in ("disk", "memory"):
         cached = load_file(str(tmp_path / cache / "vlad.safetensors"))
-        for name in cached:  # the backbone runs on other batches without the cache: float rounding only
-            torch.testing.assert_close(cached[name], uncached[name], atol=1e-6, rtol=1e-5)
+        assert all(torch.equal(cached[name], uncached[name]) for name in cached), cache
     vlad_assert_moved(uncached, vlad_untrained_weights(vlad_tiny_clip, gen, tmp_path / "init"))  # equal, not idle
+
+
+def test_a_cache_fill_killed_midway_and_run_again_writes_the_entries_of_an_uninterrupted_one(vlad_tiny_clip, tmp_path,
+                                                                                             monkeypatch, capsys):
+    gen = vlad_make_synthetic_dataset(tmp_path / "gen", n_train=2, n_good=0, n_bad=4, soft=True)
+    straight, killed = tmp_path / "straight", tmp_path / "killed"  # each with its own cache folder, tokens/
+    assert vlad.main(vlad_train_args(vlad_tiny_clip, gen, straight / "run", "--epochs", "1", "--extract-batch", "6",
+                                     "--workers", "0")) == 0
+    save_bytes, saved = data.save_bytes, []
+
+    def killed_at_the_third_entry(blob, path):
+        if Path(path).suffix == ".safetensors" and "tokens" in Path(path).parts:
+            saved.append(path)
+            if len(saved) == 3:
+                raise KeyboardInterrupt
+        save_bytes(blob, path)
+
+    monkeypatch.setattr(data, "save_bytes", killed_at_the_third_entry)
+    argv = vlad_train_args(vlad_tiny_clip, gen, killed / "run", "--epochs", "1", "--extract-batch", "2",
+                           "--workers", "2")
+    with pytest.raises(KeyboardInterrupt):
+        vlad.main(argv)
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert vlad.main(argv) == 0  # the same command again: 2 entries kept, the other 4 computed in other batches
+    assert vlad_cache_line(capsys) == (4, 2)
+    entries = sorted(p.relative_to(straight / "tokens") for p in (straight / "tokens").rglob("*.safetensors"))
+    assert len(entries) == 6
+    assert sorted(p.relative_to(killed / "tokens") for p in (killed / "tokens").rglob("*.safetensors")) == entries
+    for entry in entries:
+        assert (straight / "tokens" / entry).read_bytes() == (killed / "tokens" / entry).read_bytes(), entry
+    trained = [load_file(str(folder / "run/vlad.safetensors")) for folder in (straight, killed)]
+    assert all(torch.equal(trained[0][name], trained[1][name]) for name in trained[0])
+
+
+def test_an_unreadable_image_decoded_in_a_worker_is_one_sentence_naming_it(vlad_trained_run, vlad_tiny_clip, tmp_path,
+                                                                            capfd):
+    gen = vlad_make_synthetic_dataset(tmp_path / "gen", n_train=1, n_good=0, n_bad=3)
+    broken = gen / "texture/test/dark/001.png"  # the third of 4 batches of one image: a worker decodes it
+    broken.write_bytes(broken.read_bytes()[:60])
+    held_out = tmp_path / "held_out"
+    shutil.copytree(vlad_trained_run["held_out"], held_out)
+    truncated = held_out / "texture/test/dark/003.png"
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    capfd.readouterr()
+    train = vlad_train_args(vlad_tiny_clip, gen, tmp_path / "run", "--epochs", "1", "--extract-batch", "1",
+                            "--workers", "2")
+    predict = ["predict", "--ckpt", str(vlad_trained_run["run"]), "--data", str(held_out), "--k-shot", "1",
+               "--out", str(tmp_path / "pred"), "--batch-size", "2", "--workers", "2", "--quiet"]
+    for argv, name in ((train, broken), (predict, truncated)):
+        assert vlad.main(argv) == 2
+        error = capfd.readouterr().err  # the file descriptor: a worker's own output would show here too
+        assert error.startswith(f"error: {name}: cannot read the image") and "corrupt or truncated" in error, error
+        assert len(error.strip().splitlines()) == 1 and "Traceback" not in error and "worker" not in error
+    assert not (tmp_path / "run").exists()  # training never started: no checkpoint, config or log
 
 
 def test_sharded_token_caching_fills_disjoint_halves_then_a_plain_run_trains_on_them(vlad_tiny_clip, tmp_path):
@@ -2884,8 +3113,7 @@ def test_sharded_token_caching_fills_disjoint_halves_then_a_plain_run_trains_on_
     assert vlad.main(vlad_train_args(vlad_tiny_clip, gen, tmp_path / "plain", "--epochs", "1", "--cache", "none")) == 0
     sharded = load_file(str(tmp_path / "run/vlad.safetensors"))
     plain = load_file(str(tmp_path / "plain/vlad.safetensors"))
-    for name in plain:  # other backbone batches in the shards: float rounding only
-        torch.testing.assert_close(sharded[name], plain[name], atol=1e-6, rtol=1e-5)
+    assert all(torch.equal(sharded[name], plain[name]) for name in plain)  # each image is encoded alone
     vlad_assert_moved(plain, vlad_untrained_weights(vlad_tiny_clip, gen, tmp_path / "init"))
 
 
@@ -3111,7 +3339,7 @@ def test_token_cache_is_shared_by_runs_and_keyed_by_the_image_content(vlad_tiny_
     assert "unreadable token cache entry" in errors[-1] and "unreadable" not in "".join(errors[:-1])
     assert load_file(str(entries[0]))["tokens"].shape[0] == 4  # written again, whole
     torch.testing.assert_close(load_file(str(tmp_path / "fifth/vlad.safetensors")),  # recomputed alone, not in a
-                               load_file(str(tmp_path / "first/vlad.safetensors")), atol=1e-6, rtol=1e-5)  # batch
+                               load_file(str(tmp_path / "first/vlad.safetensors")), atol=0, rtol=0)  # batch: the same
 
 
 def test_evicting_a_runs_generated_tokens_keeps_the_auxiliary_ones_for_the_next_run(vlad_tiny_clip, tmp_path,
@@ -3119,7 +3347,7 @@ def test_evicting_a_runs_generated_tokens_keeps_the_auxiliary_ones_for_the_next_
     gen = vlad_make_synthetic_dataset(tmp_path / "gen", n_train=1, n_good=0, n_bad=2, soft=True)
     aux = vlad_make_synthetic_dataset(tmp_path / "aux", categories=("tile",), n_train=2, n_good=1, n_bad=1, seed=4)
     argv = vlad_train_args(vlad_tiny_clip, gen, tmp_path / "first", "--epochs", "1", "--aux", aux,
-                           "--evict-data-tokens")
+                           "--evict-tokens", gen)
     assert vlad.main(argv) == 0
     assert vlad_cache_line(capsys) == (5, 0)
     remaining = sorted(p.name for p in (tmp_path / "tokens").rglob("*.safetensors"))
@@ -3128,7 +3356,7 @@ def test_evicting_a_runs_generated_tokens_keeps_the_auxiliary_ones_for_the_next_
     assert vlad.main(second) == 0
     assert vlad_cache_line(capsys) == (3, 2)
     torch.testing.assert_close(load_file(str(tmp_path / "second/vlad.safetensors")),
-                               load_file(str(tmp_path / "first/vlad.safetensors")), atol=1e-6, rtol=1e-5)
+                               load_file(str(tmp_path / "first/vlad.safetensors")), atol=0, rtol=0)
 
 
 def test_token_cache_defaults_to_the_user_cache_folder_outside_the_run(vlad_tiny_clip, tmp_path, monkeypatch, capsys):
@@ -3143,6 +3371,95 @@ def test_token_cache_defaults_to_the_user_cache_folder_outside_the_run(vlad_tiny
     assert (tmp_path / "run/log.jsonl").read_text() == ""  # --epochs 0: the log it names exists, and is empty
     monkeypatch.delenv("XDG_CACHE_HOME")
     assert vlad.default_cache_dir() == Path.home() / ".cache/vlad/tokens"
+
+
+@pytest.fixture(scope="session")
+def vlad_tiny_backbone(vlad_tiny_clip) -> "vlad.Backbone":
+    return vlad.Backbone(vlad_tiny_clip, None, VLAD_TINY_SIZE)
+
+
+def vlad_fill(backbone, samples: list, folder: Path) -> tuple[int, int]:
+    """(computed, reused) of filling a disk token cache with these samples."""
+    cache = vlad.TokenCache(backbone, samples, "disk", folder)
+    cache.fill(progress=False)
+    return cache.computed, cache.reused
+
+
+@pytest.mark.parametrize("component", ["image bytes", "mask bytes", "label", "backbone weights", "stage list",
+                                       "input size", "precision"])
+def test_token_cache_misses_when_one_component_of_its_key_changes_alone(component, vlad_tiny_clip, vlad_tiny_backbone,
+                                                                        tmp_path):
+    gen = vlad_make_synthetic_dataset(tmp_path / "gen", n_train=1, n_good=0, n_bad=2, soft=True)
+    samples = vlad.training_samples([gen], [])                 # one normal image, two anomalous with soft masks
+    folder = tmp_path / "tokens"
+    assert vlad_fill(vlad_tiny_backbone, samples, folder) == (3, 0)
+    assert vlad_fill(vlad.Backbone(vlad_tiny_clip, None, VLAD_TINY_SIZE), samples, folder) == (0, 3)  # the same: hits
+    normal = next(i for i, sample in enumerate(samples) if sample.label == 0)
+    anomalous = next(sample for sample in samples if sample.label == 1)
+    backbone, misses = vlad_tiny_backbone, 1
+    if component == "image bytes":                            # one pixel; same path, size and mask
+        pixels = np.asarray(data.load_image(anomalous.image)).copy()
+        pixels[0, 0] = 255 - pixels[0, 0]
+        data.save_image(pixels, anomalous.image)
+    elif component == "mask bytes":                           # one pixel; same image
+        mask = data.load_mask(anomalous.mask, binarize=False)
+        mask[0, 0] = 1 - mask[0, 0]
+        data.save_mask(mask, anomalous.mask)
+    elif component == "label":                                # the normal image's bytes, no mask, labelled 1
+        samples = [dataclasses.replace(s, label=1) if i == normal else s for i, s in enumerate(samples)]
+    else:
+        backbone, misses = {
+            "backbone weights": lambda: vlad.Backbone(build_tiny_clip(tmp_path / "clip", seed=1), None, VLAD_TINY_SIZE),
+            "stage list": lambda: vlad.Backbone(vlad_tiny_clip, None, VLAD_TINY_SIZE, stages=[2, 4]),
+            "input size": lambda: vlad.Backbone(vlad_tiny_clip, None, VLAD_TINY_SIZE - 16),
+            "precision": lambda: vlad.Backbone(vlad_tiny_clip, None, VLAD_TINY_SIZE, precision="fp16"),
+        }[component](), 3
+        if component == "input size":  # the positional embedding is interpolated to the size, so the weights hash
+            backbone._identity = vlad_tiny_backbone.identity()  # differs too: held equal, the size alone must miss
+        same = {"weights": backbone.identity() == vlad_tiny_backbone.identity(),   # fp16 hashes as fp32 does
+                "stages": backbone.stages == vlad_tiny_backbone.stages,
+                "size": backbone.image_size == vlad_tiny_backbone.image_size,
+                "precision": backbone.precision == vlad_tiny_backbone.precision}
+        assert [name for name, equal in same.items() if not equal] == \
+            [{"backbone weights": "weights", "stage list": "stages", "input size": "size"}.get(component, component)]
+    assert vlad_fill(backbone, samples, folder) == (misses, 3 - misses)
+    assert len(list(folder.rglob("*.safetensors"))) == 3 + misses   # the old entries stay for their own key
+
+
+def test_each_epoch_sees_another_order_of_the_samples_and_a_resumed_run_the_same_orders(vlad_tiny_clip, tmp_path,
+                                                                                        monkeypatch):
+    gen = vlad_make_synthetic_dataset(tmp_path / "gen", n_train=2, n_good=0, n_bad=4, soft=True)  # 6 images
+    images = sorted(str(s.image) for s in vlad.training_samples([gen], []))
+    batches, get = [], vlad.TokenCache.get
+
+    def recording_get(self, indices):                         # what each training step is fed, in order
+        batches.append([str(self.samples[i].image) for i in indices])
+        return get(self, indices)
+
+    def orders() -> list[list[str]]:                          # batch size 4: two steps per epoch
+        return [batches[step] + batches[step + 1] for step in range(0, len(batches), 2)]
+
+    monkeypatch.setattr(vlad.TokenCache, "get", recording_get)
+    assert vlad.main(vlad_train_args(vlad_tiny_clip, gen, tmp_path / "straight", "--epochs", "3")) == 0
+    straight = orders()
+    assert len(straight) == 3 and all(sorted(order) == images for order in straight)  # each image once an epoch
+    assert len({tuple(order) for order in straight}) == 3                             # in another order each epoch
+
+    write_derived_files = vlad.write_derived_files
+
+    def killed_after_epoch_1(run, adapters, config, log):
+        write_derived_files(run, adapters, config, log)
+        if config["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    batches.clear()
+    monkeypatch.setattr(vlad, "write_derived_files", killed_after_epoch_1)
+    with pytest.raises(KeyboardInterrupt):
+        vlad.main(vlad_train_args(vlad_tiny_clip, gen, tmp_path / "resumed", "--epochs", "3"))
+    monkeypatch.setattr(vlad, "write_derived_files", write_derived_files)
+    assert len(batches) == 2
+    assert vlad.main(vlad_train_args(vlad_tiny_clip, gen, tmp_path / "resumed", "--epochs", "3", "--resume")) == 0
+    assert orders() == straight                               # epochs 2 and 3 as if never interrupted
 
 
 def test_fp16_memory_bank_searches_in_float32_and_matches_the_float32_bank(vlad_trained_run, tmp_path):
@@ -3357,21 +3674,51 @@ def test_predict_refuses_a_backbone_of_the_same_shape_with_other_weights_or_acti
     assert len(recorded["weights_sha256"]) == 64
 
 
-def test_memory_bank_is_adapted_batch_by_batch_and_equals_one_batch(vlad_trained_run, tmp_path, monkeypatch):
+def test_memory_bank_is_built_batch_by_batch_and_predictions_are_the_same_bits_for_any_batch_size_or_workers(
+        vlad_trained_run, tmp_path, monkeypatch):
     run, held_out = vlad_trained_run["run"], vlad_trained_run["held_out"]
     common = ["predict", "--ckpt", str(run), "--data", str(held_out), "--k-shot", "all", "--quiet"]
-    assert vlad.main(common + ["--out", str(tmp_path / "one_batch"), "--batch-size", "8"]) == 0
+    assert vlad.main(common + ["--out", str(tmp_path / "one_batch"), "--batch-size", "8", "--workers", "0"]) == 0
 
     seen = vlad_count_encoded_images(monkeypatch)
-    assert vlad.main(common + ["--out", str(tmp_path / "batches"), "--batch-size", "2"]) == 0
+    workers = vlad_count_loader_workers(monkeypatch)
+    assert vlad.main(common + ["--out", str(tmp_path / "batches"), "--batch-size", "2", "--workers", "2"]) == 0
     assert seen[:2] == [2, 1]  # 3 normal images: never the raw tokens of all k at once
-    for tiff in sorted((tmp_path / "one_batch/texture/test").rglob("*.tiff")):
-        other = tmp_path / "batches" / tiff.relative_to(tmp_path / "one_batch")
-        np.testing.assert_allclose(data.load_tiff(tiff), data.load_tiff(other), atol=1e-5)
-    one = (tmp_path / "one_batch/texture/scores.csv").read_text().splitlines()
-    two = (tmp_path / "batches/texture/scores.csv").read_text().splitlines()
-    np.testing.assert_allclose([float(r.split(",")[1]) for r in one[1:]],
-                               [float(r.split(",")[1]) for r in two[1:]], atol=1e-5)
+    assert workers == [2, 2]  # the bank's 2 batches and the 5 batches of test images were decoded in workers
+    tiffs = sorted((tmp_path / "one_batch/texture/test").rglob("*.tiff"))
+    assert len(tiffs) == 9
+    for tiff in tiffs:
+        assert tiff.read_bytes() == (tmp_path / "batches" / tiff.relative_to(tmp_path / "one_batch")).read_bytes()
+    for name in ("scores.csv", *(str(p.relative_to(tmp_path / "one_batch/texture"))
+                                 for p in (tmp_path / "one_batch/texture/overlay").rglob("*.png"))):
+        one, other = (tmp_path / "one_batch/texture" / name), (tmp_path / "batches/texture" / name)
+        assert one.read_bytes() == other.read_bytes(), name
+
+
+def test_memory_bank_rows_of_an_image_do_not_depend_on_its_batch_at_vit_l_width(tmp_path):
+    # The tiny CLIP's 64-wide adapters round alike in any batch; 1024-wide tokens (ViT-L's) do not (measured here:
+    # 4e-8 between a batch of 2 and single images, from 256 channels up), so the bank adapts image by image.
+    class WideBackbone:  # 4 stages x 256 tokens x 1024 channels per image, a function of the image alone
+        image_size, mean, std = 28, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+
+        def encode_images(self, pixels):
+            tokens = [torch.randn(1, 4, 256, 1024, generator=torch.Generator().manual_seed(
+                hash(tuple(image[0, 0].tolist())) % 2 ** 31)) for image in pixels]
+            return torch.cat(tokens), torch.zeros(len(pixels), 768)
+
+    rng = np.random.default_rng(0)
+    images = []
+    for i in range(3):
+        images.append(tmp_path / f"{i}.png")
+        data.save_image(rng.integers(0, 256, (28, 28, 3), dtype=np.uint8), images[-1])
+    backbone, adapters = WideBackbone(), vlad.VLAD(1024, 768, 4)
+    banks = [vlad.collect_memory_bank(backbone, adapters, images, batch_size) for batch_size in (3, 1)]
+    for i, image in enumerate(images):  # image i's rows: its own adapted tokens, computed here alone
+        pixels = vlad.preprocess(data.load_image(image), 28, backbone.mean, backbone.std)[None]
+        expected = adapters.patch_features(backbone.encode_images(pixels)[0])
+        for stage in range(4):
+            for bank in banks:
+                assert torch.equal(bank[stage][i * 256:(i + 1) * 256], expected[stage][0]), (i, stage)
 
 
 def test_vlad_out_that_is_a_file_is_one_sentence_before_any_model_loads(vlad_trained_run, tmp_path, capsys):
@@ -3389,7 +3736,7 @@ def test_vlad_out_that_is_a_file_is_one_sentence_before_any_model_loads(vlad_tra
     assert taken.read_text() == "a file" and not (tmp_path / "run").exists()
 
 
-def test_bad_stages_and_zero_sizes_are_one_clear_message_without_traceback(vlad_trained_run, tmp_path, capsys):
+def test_bad_stages_sizes_and_worker_counts_are_one_clear_message_without_traceback(vlad_trained_run, tmp_path, capsys):
     gen = vlad_trained_run["gen"]
     for stages, complaint in (("1,x", "block numbers joined by commas"), ("2,2", "each block once")):
         with pytest.raises(SystemExit) as exit_info:  # at parse time: before a model loads or a cache fills
@@ -3408,6 +3755,14 @@ def test_bad_stages_and_zero_sizes_are_one_clear_message_without_traceback(vlad_
         assert exit_info.value.code == 2
         error = capsys.readouterr().err
         assert "at least 1" in error and "Traceback" not in error
+    for argv in (vlad_train_args("local-dir:" + str(tmp_path), gen, tmp_path / "run", "--workers", "-1"),
+                 ["predict", "--ckpt", str(vlad_trained_run["run"]), "--data", str(vlad_trained_run["held_out"]),
+                  "--out", str(tmp_path / "pred"), "--workers", "-2"]):
+        with pytest.raises(SystemExit) as exit_info:
+            vlad.main(argv)
+        assert exit_info.value.code == 2
+        error = capsys.readouterr().err
+        assert "--workers: expected 0 (decode in the main process) or more" in error and "Traceback" not in error
     assert not (tmp_path / "run").exists() and not (tmp_path / "pred").exists()
 
 
@@ -3445,113 +3800,139 @@ def e2e_token_cache_lines(stdout: str) -> list[tuple[Path, int, int]]:
             E2E_TOKEN_CACHE_LINE.findall(stdout)]
 
 
-def e2e_training_images(shot: Path, aux: Path) -> int:
-    """What `vlad.py train` trains on: the generated test split and train/good, and the auxiliary test split."""
-    generated = shot / "generated"
-    return (sum(len(data.read_split(generated, c, split)) for c in data.list_categories(generated)
-                for split in ("test", "train"))
-            + sum(len(data.read_split(aux, c, "test")) for c in data.list_categories(aux)))
+def e2e_test_images(root: Path) -> int:
+    return sum(len(data.read_split(root, c, "test")) for c in data.list_categories(root))
 
 
 def e2e_summary_rows(summary: str) -> dict[str, list[float]]:
     """The numbers of each row of a summary table that holds mean ± std cells."""
     rows = {}
-    for line in summary.splitlines()[1:]:
+    for line in summary.splitlines():
         cells = re.findall(r"(-?\d+(?:\.\d+)?) ± (\d+(?:\.\d+)?)", line)
         if cells:
             rows.setdefault(line.split("  ")[0], [float(v) for cell in cells for v in cell])
     return rows
 
 
-def test_reproduce_sh_runs_the_whole_chain_and_a_second_run_does_no_work(cut_tiny_sd, vlad_tiny_clip, tmp_path):
-    dataset = vlad_make_synthetic_dataset(tmp_path / "data", categories=("texture",), n_train=2, n_good=1, n_bad=1)
+def test_reproduce_sh_shares_generation_across_k_refuses_changed_settings_and_summarizes_the_seeds_asked_for(
+        cut_tiny_sd, vlad_tiny_clip, tmp_path):
+    dataset = vlad_make_synthetic_dataset(tmp_path / "data", categories=("rough texture",), n_train=2, n_good=1,
+                                          n_bad=1)                           # a category name with a space
     e2e_cookie_category(dataset)
+    categories = ["cookie", "rough texture"]
     aux = vlad_make_synthetic_dataset(tmp_path / "aux", categories=("tile",), n_train=0, n_good=1, n_bad=2, seed=3)
+    n_aux = e2e_test_images(aux)
     out = tmp_path / "out"
+    cache = out / "token_cache"
     env = dict(os.environ, SEEDS="0", N_FEW="1", N_FULL="1", PYTHON=sys.executable, OMP_NUM_THREADS="1",
                CUT_ARGS=f"--model {cut_tiny_sd} --size {CUT_SIZE} --steps 10 --gamma 0.5 --thresholds 0:0.05,2:0.5 "
                         f"--max-iters 2 --device cpu",
                TRAIN_ARGS=f"--model {vlad_tiny_clip} --image-size {VLAD_TINY_SIZE} --epochs 1 --batch-size 4 "
                           f"--device cpu --quiet",
                PREDICT_ARGS="--device cpu --quiet")
-    both = dict(env, SHOTS="1 all", EVICT_TOKENS="0")                # Table 1 (k = 1) and Table 2 (full-shot)
-    image = dict(env, SHOTS="1", LOSS="image", DATASET="mvtec")      # Table 4, y_img only, beside MVTec AD's row
+    both = dict(env, SHOTS="1 2 all")                                   # Table 1 (k = 1, 2) and Table 2
+    image = dict(env, SHOTS="1", LOSS="image", DATASET="mvtec", EVICT_TOKENS="0")  # Table 4, y_img only
 
-    def reproduce(settings: dict) -> str:
+    def reproduce(settings: dict, status: int = 0) -> subprocess.CompletedProcess:
         result = subprocess.run(["bash", str(HERE / "reproduce.sh"), str(dataset), str(aux), str(out)], env=settings,
                                 capture_output=True, text=True, timeout=900)
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        return result.stdout
+        assert result.returncode == status, result.stdout[-3000:] + result.stderr[-3000:]
+        return result
 
-    first = reproduce(both)
-    for k in ("1", "all"):
-        shot = out / f"k{k}_seed0"                     # what every LOSS shares: the k normals and CUT's samples
+    first = reproduce(both).stdout
+    # One generation for the seed: N_FEW x 2 samples per category (the k = 1 image is one of k = 2's), not x 3;
+    # then full-shot's own.
+    assert [int(n) for n in re.findall(r"cut\.py: wrote (\d+) samples?", first)] == [2 * 2, 2 * 2], first
+    pool = out / "seed0" / "generated"
+    for category in categories:
+        assert len(data.read_split(pool, category, "test")) == 2 and len(data.read_jsonl(pool / category / "meta.jsonl")) == 2
+    train_good = {c: sorted(s.image for s in data.read_split(dataset, c, "train")) for c in categories}
+    for k in ("1", "2", "all"):
+        shot = out / f"k{k}_seed0"                  # what every LOSS shares: the k normals and their samples
         assert sorted(p.name for p in shot.iterdir()) == \
-            ["generated", "loss-both", "normals_cookie.txt", "normals_texture.txt"]
-        for category in ("cookie", "texture"):
-            normals = (shot / f"normals_{category}.txt").read_text().split()
-            train_good = sorted(s.image for s in data.read_split(dataset, category, "train"))
-            assert normals == [str(p) for p in (data.select_k_shot(train_good, 1, 0) if k == "1" else train_good)]
-            generated = shot / "generated" / category                      # a complete training set
+            ["generated", "loss-both", "normals_cookie.txt", "normals_rough texture.txt", "settings.json"]
+        for category in categories:
+            normals = (shot / f"normals_{category}.txt").read_text().splitlines()   # absolute: found from anywhere
+            assert normals == [str(p.resolve()) for p in (train_good[category] if k == "all"
+                                                           else data.select_k_shot(train_good[category], int(k), 0))]
+            generated = shot / "generated" / category   # a complete training set of exactly the k images' samples
             assert [p.name for p in data.list_images(generated / "train/good")] == [Path(n).name for n in normals]
-            assert [(s.defect, s.image.name) for s in data.read_split(shot / "generated", category, "test")] == \
-                [("damaged", f"{Path(n).stem}_0.png") for n in normals]
-            assert len(data.read_jsonl(generated / "meta.jsonl")) == len(normals)
+            samples = data.read_split(shot / "generated", category, "test")
+            assert [(s.defect, s.image.name) for s in samples] == [("damaged", f"{Path(n).stem}_0.png") for n in normals]
+            assert [Path(r["source"]).name for r in data.read_jsonl(generated / "meta.jsonl")] == \
+                [Path(n).name for n in normals]
+            files = [p for p in generated.rglob("*") if p.is_file()]
+            if k == "all":                          # generated into the run's own folder, byte for byte as the seed's
+                assert not any(p.is_symlink() for p in files)
+                for sample in samples:
+                    assert sample.image.read_bytes() == (pool / category / "test/damaged" / sample.image.name).read_bytes()
+            else:                                   # links into the seed's samples, nothing else
+                assert all(p.is_symlink() and pool in p.resolve().parents for p in files if p.name != "meta.jsonl")
             predictions = shot / "loss-both" / "predictions" / category
             tests = data.read_split(dataset, category, "test")
             assert len(list(predictions.rglob("*.tiff"))) == len(tests)
             assert (predictions / "scores.csv").read_text().count("\n") == len(tests) + 1
             assert json.loads((predictions / "k_shot.json").read_text())["images"] == \
-                [Path(n).relative_to(dataset / category).as_posix() for n in normals]   # the same normals
-        assert {"vlad.safetensors", "config.json", "train_state.safetensors"} <= \
-            {p.name for p in (shot / "loss-both" / "model").iterdir()}
+                [Path(n).relative_to((dataset / category).resolve()).as_posix() for n in normals]  # the same normals
+        n_normals = 2 if k == "all" else int(k)     # per category; N_FEW = N_FULL = 1 sample each
+        config = json.loads((shot / "loss-both" / "model" / "config.json").read_text())
+        assert config["n_samples"] == len(categories) * n_normals * 2 + n_aux   # trained on its own k images only
         result = json.loads((shot / "loss-both" / "metrics.json").read_text())
-        assert all(math.isfinite(result["categories"][c][m]) for c in ("cookie", "texture") for m in metrics.METRICS)
-        summary = (out / f"summary_k{k}_loss-both.txt").read_text()
+        assert all(math.isfinite(result["categories"][c][m]) for c in categories for m in metrics.METRICS)
+        summary = (out / f"summary_k{k}_loss-both_seeds-0.txt").read_text()
+        assert summary.splitlines()[0].startswith(f"k={k}, loss both, seeds 0: ")
         rows = e2e_summary_rows(summary)
-        assert list(rows) == ["cookie", "texture", "mean"]
+        assert list(rows) == ["cookie", "rough texture", "mean"]
         assert all(len(values) == 10 and all(map(math.isfinite, values)) for values in rows.values()), summary
-        assert summary.splitlines()[-1].startswith("paper: no row, the categories (cookie, texture) are neither")
+        assert summary.splitlines()[-1].startswith("paper: no row, the categories (cookie, rough texture) are neither")
 
-    # One token cache for the dataset: the first train computes every image; full-shot reuses the auxiliary ones.
+    # One token cache: k = 2 reuses what k = 1 cached (its image, its sample and the auxiliary ones), so nothing
+    # was evicted before the seed's last k; after it the seed's samples left, and full-shot computed its own.
     lines = e2e_token_cache_lines(first)
-    assert len(lines) == 2, "each `vlad.py train` prints 'token cache DIR: N computed, M reused'\n" + first
-    (folder_1, computed_1, reused_1), (folder_all, computed_all, reused_all) = lines
-    assert folder_1.resolve() == folder_all.resolve() == (out / "token_cache").resolve()
-    n_aux = len(data.read_split(aux, "tile", "test"))
-    assert (computed_1, reused_1) == (e2e_training_images(out / "k1_seed0", aux), 0)
-    assert computed_all + reused_all == e2e_training_images(out / "kall_seed0", aux)
-    assert reused_all >= n_aux  # and the normal image k = 1 also trained on, copied byte for byte
-    entries_before = len(list((out / "token_cache").rglob("*.safetensors")))  # EVICT_TOKENS=0: all kept
-    assert entries_before == computed_1 + computed_all
+    assert [folder.resolve() for folder, _, _ in lines] == [cache.resolve()] * 3, first
+    assert [(computed, reused) for _, computed, reused in lines] == [(4 + n_aux, 0), (4, 4 + n_aux), (8, n_aux)]
+    assert len(list(cache.rglob("*.safetensors"))) == n_aux   # EVICT_TOKENS=1: the auxiliary entries stay
 
-    # Table 4 with another LOSS: the same samples, nothing generated, every token reused; MVTec AD's row beside.
-    shared = {**e2e_files(out / "k1_seed0" / "generated"), **e2e_files(out / "k1_seed0" / "loss-both")}
-    second = reproduce(image)
+    # A changed N_FEW on this OUT: one sentence naming the setting and both values, before any work.
+    before = e2e_files(out)
+    refused = reproduce(dict(env, SHOTS="1", N_FEW="2"), status=2)
+    assert refused.stderr.strip().splitlines() == [
+        f"error: N_FEW='2' differs from N_FEW='1' in {out / 'k1_seed0' / 'settings.json'}, with which "
+        f"{out / 'k1_seed0'} was made; set N_FEW back to continue it, or choose another output folder."]
+    assert e2e_files(out) == before
+
+    # Table 4 with another LOSS: the same samples, nothing generated; MVTec AD's row beside it.
+    shared = {**e2e_files(out / "seed0"), **e2e_files(out / "k1_seed0" / "generated"),
+              **e2e_files(out / "k1_seed0" / "loss-both")}
+    second = reproduce(image).stdout
     assert "cut.py: wrote 0 samples, skipped 2 already complete" in second
-    assert {**e2e_files(out / "k1_seed0" / "generated"), **e2e_files(out / "k1_seed0" / "loss-both")} == shared
-    lines = e2e_token_cache_lines(second)
-    assert len(lines) == 1, second
-    [(folder, computed, reused)] = lines
-    assert (folder.resolve(), computed, reused) == \
-        ((out / "token_cache").resolve(), 0, e2e_training_images(out / "k1_seed0", aux))
-    # EVICT_TOKENS=1 (the default): once trained, k = 1's generated entries left the cache, the auxiliary stayed
-    assert len(list((out / "token_cache").rglob("*.safetensors"))) == \
-        entries_before - (e2e_training_images(out / "k1_seed0", aux) - n_aux)
+    assert {**e2e_files(out / "seed0"), **e2e_files(out / "k1_seed0" / "generated"),
+            **e2e_files(out / "k1_seed0" / "loss-both")} == shared
+    assert [(computed, reused) for _, computed, reused in e2e_token_cache_lines(second)] == [(4, n_aux)]
+    assert len(list(cache.rglob("*.safetensors"))) == 4 + n_aux   # EVICT_TOKENS=0: kept
     run = out / "k1_seed0" / "loss-image"
-    assert sorted(p.name for p in run.iterdir()) == ["metrics.json", "model", "predictions"]
-    assert not (out / "kall_seed0" / "loss-image").exists()
+    assert sorted(p.name for p in run.iterdir()) == ["metrics.json", "model", "predictions", "settings.json"]
+    assert not (out / "kall_seed0" / "loss-image").exists() and not (out / "k2_seed0" / "loss-image").exists()
     yours = json.loads((run / "metrics.json").read_text())["mean"]          # one seed: the summary's mean
-    lines = (out / "summary_k1_loss-image.txt").read_text().splitlines()
+    lines = (out / "summary_k1_loss-image_seeds-0.txt").read_text().splitlines()
     paper = metrics.PAPER["mvtec", "k1-image"]
     assert metrics_row(lines, "paper mean") == [f"{mean:.1f} ± {std:.1f}" for mean, std in paper.values()]
     assert metrics_row(lines, "mean - paper") == [f"{100 * yours[m] - paper[m][0]:+.1f}" for m in metrics.METRICS]
     assert "paper: MVTec AD, k = 1 trained with y_img only (arXiv 2406.01078v1, Table 4)" in lines[-2]
 
-    # The same command again: nothing generated, trained, predicted or written, anywhere in OUT.
+    # A run of seed 7 left in OUT by an earlier call, with other numbers; then the same command again: nothing
+    # generated, trained, predicted or written anywhere in OUT, and the summary still averages seed 0 alone.
+    shutil.copytree(out / "k1_seed0", out / "k1_seed7", symlinks=True)
+    other = json.loads((out / "k1_seed7/loss-image/metrics.json").read_text())
+    other["mean"] = {m: value / 2 for m, value in other["mean"].items()}
+    other["categories"] = {c: {m: v / 2 for m, v in values.items()} for c, values in other["categories"].items()}
+    (out / "k1_seed7/loss-image/metrics.json").write_text(json.dumps(other))
     summaries = {p.name: p.read_text() for p in out.glob("summary_*.txt")}
+    assert len(summaries) == 4
     before = e2e_files(out)
-    third = reproduce(image)
+    third = reproduce(image).stdout
     assert e2e_files(out) == before
-    assert {p.name: p.read_text() for p in out.glob("summary_*.txt")} == summaries and len(summaries) == 3
-    assert "cut.py: wrote 0 samples, skipped 2 already complete" in third and "already trained" in third
+    assert {p.name: p.read_text() for p in out.glob("summary_*.txt")} == summaries
+    assert "== seed=0: the runs of k = 1 with loss image are finished" in third    # no model even loaded
+    assert "cut.py" not in third and "vlad.py" not in third and not e2e_token_cache_lines(third)
+    assert "mean ± sample std over 1 run" in summaries["summary_k1_loss-image_seeds-0.txt"]

@@ -25,12 +25,14 @@ import math
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.data
 from PIL import Image
 import safetensors.torch
 from safetensors.torch import load_file
@@ -195,12 +197,19 @@ class Backbone:
     def encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, S, S) -> patch tokens (B, L, N, width) and image embedding (B, embed_dim), backbone dtype.
 
-        Tokens are the raw block outputs (before the final LayerNorm), class token dropped."""
-        output = self.model.visual.forward_intermediates(
-            pixels.to(self.device, self.dtype), indices=[s - 1 for s in self.stages],
-            normalize_intermediates=False, output_fmt="NLC")
-        tokens = torch.stack(output["image_intermediates"], dim=1)  # (B, L, N, width)
-        return tokens, output["image_features"]
+        Tokens are the raw block outputs (before the final LayerNorm), class token dropped. Each image goes
+        through the ViT alone: batched kernels round differently for other batch sizes (the embedding by about
+        1e-6 in fp32), and an image's outputs must be a function of the image, whatever shared its batch: the
+        token cache is keyed by the image alone, and a resumed, sharded or otherwise batched run gives the same
+        bits. One image is already a full-size matrix product (1,370 tokens at ViT-L / 518 px)."""
+        tokens, embeddings = [], []
+        for image in pixels:
+            output = self.model.visual.forward_intermediates(
+                image[None].to(self.device, self.dtype), indices=[s - 1 for s in self.stages],
+                normalize_intermediates=False, output_fmt="NLC")
+            tokens.append(torch.stack(output["image_intermediates"], dim=1))  # (1, L, N, width)
+            embeddings.append(output["image_features"])
+        return torch.cat(tokens), torch.cat(embeddings)
 
     @torch.no_grad()
     def text_features(self, category: str) -> torch.Tensor:
@@ -384,27 +393,122 @@ class VLAD(nn.Module):
         return anomaly_map, score
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Loading images: decoded in torch DataLoader worker processes while the backbone computes
+# ---------------------------------------------------------------------------------------------------------
+# Reading, converting and resizing one 1024 x 1024 PNG takes over 100 ms of a CPU core (bench.py vlad --loader),
+# the time of dozens of ViT-L forwards on a GPU, so every path that reads images (the token cache's fill,
+# --cache none, the memory bank, predict) gets them from `image_batches`, decoded by worker processes.
+
+
+def default_workers() -> int:
+    """--workers: min(8, the CPUs this process may use)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(8, cpus)
+
+
+def load_target(mask, image_size: int) -> np.ndarray:
+    """y_pix at the input size as uint8, 255 x the probability: the soft mask's own 8-bit values (resized
+    bilinearly by PIL, which rounds to 8 bits), zeros for a normal image (mask None). Stored as it is read, a
+    quarter of float32, and exact: every cache mode trains on the same y_pix."""
+    if mask is None:
+        return np.zeros((image_size, image_size), np.uint8)
+    probability = data.load_mask(mask, size=(image_size, image_size), binarize=False)
+    return np.rint(probability * 255).astype(np.uint8)
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Images decoded and preprocessed wherever the DataLoader asks (a worker process, or this one).
+
+    It holds paths and numbers only, never the backbone, so a worker process stays small (also when workers are
+    spawned, not forked). Item i: {"pixels": (3, S, S) float32}, plus "y_pix": (S, S) uint8 when `masks` are
+    given (one per image, None for a normal image), plus "image": (H, W, 3) uint8 at the image's own size when
+    `originals` (predict writes maps and overlays at that size). An image that cannot be read gives
+    {"error": its DataError's sentence}: raised in a worker, the DataError would reach the main process
+    wrapped in the worker's traceback."""
+
+    def __init__(self, images: list, image_size: int, mean, std, masks: list | None = None,
+                 originals: bool = False):
+        self.images, self.image_size, self.mean, self.std = list(images), image_size, mean, std
+        self.masks, self.originals = masks, originals
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict:
+        try:
+            image = data.load_image(self.images[index])
+            item = {"pixels": preprocess(image, self.image_size, self.mean, self.std)}
+            if self.masks is not None:
+                item["y_pix"] = torch.from_numpy(load_target(self.masks[index], self.image_size))
+        except DataError as error:
+            return {"error": str(error)}
+        if self.originals:
+            item["image"] = torch.from_numpy(np.array(image))
+        return item
+
+
+def collate_images(items: list[dict]) -> dict:
+    """One batch: pixels (B, 3, S, S) and y_pix (B, S, S) stacked (by torch's default_collate, which stacks
+    into shared memory in a worker, saving a copy), originals a list (their sizes differ); a batch with an
+    unreadable image is that image's error."""
+    for item in items:
+        if "error" in item:
+            return item
+    batch = {key: torch.utils.data.default_collate([item[key] for item in items])
+             for key in ("pixels", "y_pix") if key in items[0]}
+    if "image" in items[0]:
+        batch["image"] = [item["image"] for item in items]
+    return batch
+
+
+def image_batches(dataset: ImageDataset, batches: list[list[int]], workers: int) -> Iterator[dict]:
+    """The batches of `dataset` given by these lists of indices, collated, in this order, decoded by `workers`
+    DataLoader processes (0: in this one) while the caller computes on the previous ones.
+
+    Each batch is decoded whole by one worker and the loader keeps their order, so the caller receives the same
+    tensors for every worker count. At most 2 batches per worker wait in memory (the DataLoader's prefetch),
+    never the dataset. An unreadable image is the DataError naming it, as without workers."""
+    workers = min(workers, len(batches)) if len(batches) > 1 else 0  # one batch: a worker would only add its start
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
+                                         collate_fn=collate_images)
+    for batch in loader:
+        if "error" in batch:
+            raise DataError(batch["error"])
+        yield batch
+
+
+def index_batches(n: int, batch_size: int) -> list[list[int]]:
+    """0 .. n-1 in consecutive batches of batch_size (the last one shorter)."""
+    return [list(range(start, min(start + batch_size, n))) for start in range(0, n, batch_size)]
+
+
 @torch.no_grad()
 def collect_memory_bank(backbone: Backbone, vlad: VLAD, images: list, batch_size: int = 8,
-                        dtype: torch.dtype = torch.float32, progress: bool = False) -> list[torch.Tensor]:
+                        dtype: torch.dtype = torch.float32, progress: bool = False,
+                        workers: int = 0) -> list[torch.Tensor]:
     """Eq. 9's B_i: the adapted patch tokens of the k normal images, L x (k * N, C) in `dtype`.
 
-    The bank is allocated once at its final size and filled batch by batch, so its peak is the bank itself plus
-    one batch: the raw tokens of all k images (full-shot ViT-L: 400 x 4 x 1369 x 1024) and a second copy of
-    the bank (the parts before a concatenation) never exist. fp16 halves it; the search still accumulates in
-    fp32 (`nearest_neighbour_distance`)."""
-    bank = None
-    for start in tqdm(range(0, len(images), batch_size), desc="memory bank", unit="batch", disable=not progress):
-        chunk = images[start:start + batch_size]
-        pixels = torch.stack([backbone.preprocess(data.load_image(p)) for p in chunk])
-        features = vlad.patch_features(backbone.encode_images(pixels)[0])  # L x (b, N, C), float32
-        if bank is None:
-            n_tokens, channels = features[0].shape[1:]
-            bank = [torch.empty(len(images) * n_tokens, channels, dtype=dtype, device=features[0].device)
-                    for _ in features]
-        rows = slice(start * n_tokens, (start + len(chunk)) * n_tokens)
-        for stage, stage_features in zip(bank, features):
-            stage[rows] = stage_features.reshape(-1, channels).to(dtype)
+    The bank is allocated once at its final size and filled image by image (decoded `batch_size` at a time by
+    `workers` DataLoader processes), so its peak is the bank itself plus one batch: the raw tokens of all k
+    images (full-shot ViT-L: 400 x 4 x 1369 x 1024) and a second copy of the bank (the parts before a
+    concatenation) never exist. fp16 halves it; the search still accumulates in fp32
+    (`nearest_neighbour_distance`). Each image is adapted alone, so the bank is the same for any batch size."""
+    dataset = ImageDataset(images, backbone.image_size, backbone.mean, backbone.std)
+    batches = index_batches(len(images), batch_size)
+    bank, row = None, 0
+    for batch in tqdm(image_batches(dataset, batches, workers), total=len(batches), desc="memory bank",
+                      unit="batch", disable=not progress):
+        tokens, _ = backbone.encode_images(batch["pixels"])  # (b, L, N, width)
+        for image_tokens in tokens:
+            features = vlad.patch_features(image_tokens[None])  # L x (1, N, C), float32
+            if bank is None:
+                n_tokens, channels = features[0].shape[1:]
+                bank = [torch.empty(len(images) * n_tokens, channels, dtype=dtype, device=features[0].device)
+                        for _ in features]
+            for stage, stage_features in zip(bank, features):
+                stage[row * n_tokens:(row + 1) * n_tokens] = stage_features[0].to(dtype)
+            row += 1
     return bank
 
 
@@ -429,26 +533,6 @@ def training_samples(data_roots: list, aux_roots: list) -> list[data.Sample]:
                                 f"add images or remove the empty category folder.")
             samples.extend(found)
     return samples
-
-
-def load_target(sample: data.Sample, image_size: int) -> np.ndarray:
-    """y_pix at the input size as uint8, 255 x the probability: the soft mask's own 8-bit values (resized
-    bilinearly by PIL, which rounds to 8 bits), zeros for a normal image. Stored as it is read, a quarter of
-    float32, and exact: every cache mode trains on the same y_pix."""
-    if sample.mask is None:
-        return np.zeros((image_size, image_size), np.uint8)
-    mask = data.load_mask(sample.mask, size=(image_size, image_size), binarize=False)
-    return np.rint(mask * 255).astype(np.uint8)
-
-
-def compute_entries(backbone: Backbone, samples: list[data.Sample]) -> dict[str, torch.Tensor]:
-    """Everything one batch of images contributes to training: tokens (B, L, N, width) and embedding (B, C) in
-    the backbone's dtype on CPU, y_pix (B, S, S) uint8 (255 x the probability) and y_img (B,) float32."""
-    pixels = torch.stack([backbone.preprocess(data.load_image(s.image)) for s in samples])
-    tokens, embedding = backbone.encode_images(pixels)
-    return {"tokens": tokens.cpu(), "embedding": embedding.cpu(),
-            "y_pix": torch.from_numpy(np.stack([load_target(s, backbone.image_size) for s in samples])),
-            "y_img": torch.tensor([float(s.label) for s in samples])}
 
 
 ENTRY_NAMES = ("embedding", "tokens", "y_img", "y_pix")
@@ -477,13 +561,17 @@ class TokenCache:
     are written atomically, so an interrupted run keeps what it finished, shards (or two runs) can fill it in
     parallel, and a reader never sees half a file; an entry that cannot be read is computed again.
     mode 'memory': kept in RAM; mode 'none': recomputed for every batch (the slow reference the cache must agree
-    with). `computed` and `reused` count this process's work."""
+    with). Images are decoded `batch_size` at a time by `workers` DataLoader processes. `computed` and `reused`
+    count this process's work."""
 
     def __init__(self, backbone: Backbone, samples: list[data.Sample], mode: str = "disk", folder=None,
-                 batch_size: int = 8):
+                 batch_size: int = 8, workers: int = 0):
         if mode not in ("disk", "memory", "none"):
             raise ValueError(f"cache mode must be disk, memory or none, got {mode!r}")
         self.backbone, self.samples, self.mode, self.batch_size = backbone, samples, mode, batch_size
+        self.workers = workers
+        self.images = ImageDataset([s.image for s in samples], backbone.image_size, backbone.mean, backbone.std,
+                                   masks=[s.mask for s in samples])
         self.folder = Path(folder) if folder is not None else default_cache_dir()
         self.memory: dict[int, dict[str, torch.Tensor]] = {}
         self.computed = self.reused = 0
@@ -502,19 +590,23 @@ class TokenCache:
         key = self.keys[index]
         return self.folder / key[:2] / f"{key}.safetensors"  # 256 subfolders: no folder of 100,000 files
 
-    def _store(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
-        """Compute the entries of these images, write them (disk) or keep them (memory), and return them."""
-        entries = compute_entries(self.backbone, [self.samples[i] for i in indices])
-        rows = []
-        for row, index in enumerate(indices):
-            entry = {name: value[row].contiguous() for name, value in entries.items()}
-            if self.mode == "disk":
-                data.save_bytes(safetensors.torch.save(entry), self._file(index))
-            elif self.mode == "memory":
-                self.memory[index] = entry
-            rows.append(entry)
-        self.computed += len(indices)
-        return rows
+    def _compute(self, batches: list[list[int]]) -> Iterator[tuple[list[int], list[dict[str, torch.Tensor]]]]:
+        """Encode these batches of training images, write (disk) or keep (memory) their entries, and yield each
+        batch's indices and entries: tokens (L, N, width) and embedding (C,) in the backbone's dtype on CPU,
+        y_pix (S, S) uint8 (255 x the probability), y_img () float32."""
+        for indices, batch in zip(batches, image_batches(self.images, batches, self.workers)):
+            tokens, embedding = self.backbone.encode_images(batch["pixels"])
+            entries = []
+            for row, index in enumerate(indices):
+                entry = {"tokens": tokens[row].cpu(), "embedding": embedding[row].cpu(), "y_pix": batch["y_pix"][row],
+                         "y_img": torch.tensor(float(self.samples[index].label))}
+                if self.mode == "disk":
+                    data.save_bytes(safetensors.torch.save(entry), self._file(index))
+                elif self.mode == "memory":
+                    self.memory[index] = entry
+                entries.append(entry)
+            self.computed += len(indices)
+            yield indices, entries
 
     def fill(self, rank: int = 0, world: int = 1, progress: bool = True) -> None:
         """Compute the missing entries of this rank's shard."""
@@ -526,11 +618,10 @@ class TokenCache:
         else:
             missing = [i for i in indices if i not in self.memory]
         self.reused += len(indices) - len(missing)
+        batches = [missing[start:start + self.batch_size] for start in range(0, len(missing), self.batch_size)]
         bar = tqdm(total=len(missing), desc="caching backbone tokens", unit="img", disable=not progress)
-        for start in range(0, len(missing), self.batch_size):
-            batch = missing[start:start + self.batch_size]
-            self._store(batch)
-            bar.update(len(batch))
+        for indices, _ in self._compute(batches):
+            bar.update(len(indices))
         bar.close()
 
     def _read(self, index: int) -> dict[str, torch.Tensor]:
@@ -545,7 +636,8 @@ class TokenCache:
             if path.exists():
                 print(f"warning: {path}: unreadable token cache entry ({str(error)[:80]}); computing it again",
                       file=sys.stderr)
-            return self._store([index])[0]
+            _, entries = next(self._compute([[index]]))
+            return entries[0]
 
     def evict(self, indices) -> int:
         """Delete the disk entries of these images (a generated set no later run trains on); returns how many.
@@ -559,17 +651,19 @@ class TokenCache:
                 pass
         return removed
 
-    def get(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        """The stacked entries of the given training images, y_pix as float32 probabilities."""
+    def batches(self, batches: list[list[int]]) -> Iterator[dict[str, torch.Tensor]]:
+        """The stacked entries of each batch of training images, in order, y_pix as float32 probabilities.
+        Without a cache, every batch is decoded (ahead, by the workers) and encoded again."""
         if self.mode == "none":
-            rows = self._store(indices)
+            rows = (entries for _, entries in self._compute(batches))
         elif self.mode == "memory":
-            rows = [self.memory[i] if i in self.memory else self._store([i])[0] for i in indices]
+            rows = ([self.memory[i] for i in batch] for batch in batches)
         else:
-            rows = [self._read(i) for i in indices]
-        batch = {name: torch.stack([row[name] for row in rows]) for name in rows[0]}
-        batch["y_pix"] = batch["y_pix"].float() / 255.0
-        return batch
+            rows = ([self._read(i) for i in batch] for batch in batches)
+        for entries in rows:
+            batch = {name: torch.stack([entry[name] for entry in entries]) for name in ENTRY_NAMES}
+            batch["y_pix"] = batch["y_pix"].float() / 255.0
+            yield batch
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -739,11 +833,14 @@ def train(backbone: Backbone, samples: list[data.Sample], run, epochs: int = EPO
           lr: float = LR, seed: int = SEED, omega: float = OMEGA, gamma: float = FOCAL_GAMMA,
           alpha: float = FOCAL_ALPHA, beta: float = DICE_BETA, cache: str = "disk", extract_batch: int = 8,
           resume: bool = False, rank: int = 0, world: int = 1, progress: bool = True, extra_config=None,
-          terms: str = "both", cache_dir=None, report=None, evict=(), restart: bool = False) -> VLAD | None:
+          terms: str = "both", cache_dir=None, report=None, evict: list[data.Sample] = (),
+          workers: int = 0, restart: bool = False) -> VLAD | None:
     """Train the adapters on `samples`, checkpointing RUN after every epoch; returns the trained VLAD (None on
     a rank that only fills its share of the token cache). `report(TokenCache)` is called once it is filled;
-    `evict` (indices into samples) are deleted from the disk cache once the last epoch is saved. `restart`
-    trains from scratch over a checkpoint in RUN (the CLI moves it aside first: `move_run_aside`)."""
+    the disk cache entries of `evict` (training images no later run needs: this run's generated set, or a set
+    several runs shared once the last of them is trained) are deleted once the last epoch is saved. `workers`
+    DataLoader processes decode the images (0: this process); the weights are the same for every count.
+    `restart` trains from scratch over a checkpoint in RUN (the CLI moves it aside first: `move_run_aside`)."""
     run = Path(run)
     config = {
         "model": backbone.model_name, "pretrained": backbone.pretrained, "image_size": backbone.image_size,
@@ -780,11 +877,10 @@ def train(backbone: Backbone, samples: list[data.Sample], run, epochs: int = EPO
             write_derived_files(run, {k: v.contiguous() for k, v in vlad.state_dict().items()},
                                 {**config, "epoch": start_epoch}, log)
             if evict:  # a kill after the last checkpoint may have kept them; only their files are hashed
-                evicted = [samples[i] for i in evict]
-                TokenCache(backbone, evicted, cache, cache_dir, extract_batch).evict(range(len(evicted)))
+                TokenCache(backbone, list(evict), cache, cache_dir, extract_batch).evict(range(len(evict)))
             return vlad
 
-    token_cache = TokenCache(backbone, samples, cache, cache_dir, extract_batch)
+    token_cache = TokenCache(backbone, samples, cache, cache_dir, extract_batch, workers)
     token_cache.fill(rank, world, progress)
     if report is not None:
         report(token_cache)
@@ -809,15 +905,15 @@ def train(backbone: Backbone, samples: list[data.Sample], run, epochs: int = EPO
 
     text_features = {c: backbone.text_features(c).to(backbone.device) for c in sorted({s.category for s in samples})}
     sample_text = torch.stack([text_features[s.category] for s in samples])  # (n, 2, C)
-    steps = math.ceil(len(samples) / batch_size)
     for epoch in range(start_epoch, epochs):
         started, total, count = time.time(), 0.0, 0
         lr_used = optimizer.param_groups[0]["lr"]  # the scheduler steps after the epoch: log what it used
         order = epoch_order(len(samples), seed, epoch)
-        bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{epochs}", unit="batch", disable=not progress)
-        for step in bar:
-            indices = order[step * batch_size:(step + 1) * batch_size]
-            batch = {k: v.to(backbone.device) for k, v in token_cache.get(indices).items()}
+        batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+        bar = tqdm(zip(batches, token_cache.batches(batches)), total=len(batches), desc=f"epoch {epoch + 1}/{epochs}",
+                   unit="batch", disable=not progress)
+        for indices, batch in bar:
+            batch = {k: v.to(backbone.device) for k, v in batch.items()}
             stage_logits, image_logits = vlad(batch["tokens"], batch["embedding"], sample_text[indices],
                                               backbone.image_size)
             loss = vlad_loss(image_logits, batch["y_img"], stage_logits, batch["y_pix"], omega, gamma, alpha, beta,
@@ -832,7 +928,8 @@ def train(backbone: Backbone, samples: list[data.Sample], run, epochs: int = EPO
                     "seconds": round(time.time() - started, 3)})
         config["epoch"] = epoch + 1
         save_checkpoint(run, vlad, optimizer, scheduler, config, log)  # the log line is part of the state
-    token_cache.evict(evict)
+    if evict:
+        TokenCache(backbone, list(evict), cache, cache_dir, extract_batch).evict(range(len(evict)))
     return vlad
 
 
@@ -869,7 +966,7 @@ def merge_scores(category_out: Path, expected: list[str]) -> bool:
 def predict_category(backbone: Backbone, vlad: VLAD, root, category: str, k: int | None, seed: int, out,
                      rank: int = 0, world: int = 1, batch_size: int = 8, chunk: int = NN_CHUNK,
                      progress: bool = True, provenance: dict | None = None,
-                     bank_dtype: torch.dtype = torch.float32) -> dict:
+                     bank_dtype: torch.dtype = torch.float32, workers: int = 0) -> dict:
     """Anomaly maps, scores and overlays for one category's test split; returns a small summary.
     `provenance` (checkpoint, epoch) is recorded in k_shot.json, so a re-run into the same --out with another
     checkpoint or selection is refused instead of mixing two detectors' outputs."""
@@ -902,29 +999,30 @@ def predict_category(backbone: Backbone, vlad: VLAD, root, category: str, k: int
     text = backbone.text_features(category).to(backbone.device) if jobs else None
     memory_bank = None
     if k > 0 and jobs:  # every rank builds the whole bank (k images) itself
-        memory_bank = collect_memory_bank(backbone, vlad, chosen, batch_size, bank_dtype)
+        memory_bank = collect_memory_bank(backbone, vlad, chosen, batch_size, bank_dtype, workers=workers)
     # The overlay's colour scale is fixed per detector, so one colour is one score in every overlay: each stage
     # adds at most 1 to M_VL, and M_VV's distance is saturated at 1 (cosine 0) per stage.
     full_scale = len(backbone.stages) * (2 if memory_bank is not None else 1)
 
     part = category_out / "scores_parts" / f"shard-{rank}-of-{world}.jsonl"
+    images = ImageDataset([s.image for s in jobs], backbone.image_size, backbone.mean, backbone.std, originals=True)
+    batches = index_batches(len(jobs), batch_size)
     bar = tqdm(total=len(jobs), desc=f"{category} (k={k})", unit="img", disable=not progress)
-    for start in range(0, len(jobs), batch_size):
-        batch = jobs[start:start + batch_size]
-        images = [data.load_image(s.image) for s in batch]
-        tokens, embedding = backbone.encode_images(torch.stack([backbone.preprocess(im) for im in images]))
-        anomaly_map, score = vlad.detect(tokens, embedding, text.expand(len(batch), -1, -1), backbone.image_size,
-                                         memory_bank, chunk)
-        for sample, image, map_s, score_s in zip(batch, images, anomaly_map, score):
-            width, height = image.size  # maps are written at the image's own size, like its ground truth
-            full = F.interpolate(map_s[None, None].float(), size=(height, width), mode="bilinear",
+    for indices, batch in zip(batches, image_batches(images, batches, workers)):
+        tokens, embedding = backbone.encode_images(batch["pixels"])
+        for index, image_tokens, image_embedding, image in zip(indices, tokens, embedding, batch["image"]):
+            sample = jobs[index]  # detected alone, as encoded: the same bits in any batch or shard
+            anomaly_map, score = vlad.detect(image_tokens[None], image_embedding[None], text[None],
+                                             backbone.image_size, memory_bank, chunk)
+            height, width = image.shape[:2]  # maps are written at the image's own size, like its ground truth
+            full = F.interpolate(anomaly_map[None].float(), size=(height, width), mode="bilinear",
                                  align_corners=False)[0, 0].cpu().numpy()
             data.save_tiff(full, category_out / relative[sample.image])
             heat = np.clip(full / full_scale, 0.0, 1.0)
-            data.save_image(data.overlay(np.asarray(image), heat),
+            data.save_image(data.overlay(image.numpy(), heat),
                             category_out / "overlay" / sample.defect / f"{sample.image.stem}.png")
-            data.append_jsonl({"path": relative[sample.image], "score": float(score_s)}, part)
-        bar.update(len(batch))
+            data.append_jsonl({"path": relative[sample.image], "score": float(score[0])}, part)
+        bar.update(len(indices))
     bar.close()
     complete = merge_scores(category_out, list(relative.values()))
     return {"category": category, "k": k, "images": len(jobs), "scores_csv": complete}
@@ -965,6 +1063,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def worker_count(text: str) -> int:
+    """argparse type of --workers: 0 (decode in the main process) or more."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 (decode in the main process) or more, got {text!r}")
+    return value
+
+
 def stage_list(text: str) -> list[int]:
     """argparse type of --stages: distinct 1-based block numbers joined by commas."""
     try:
@@ -985,7 +1091,7 @@ def command_train(args) -> int:
     init_distributed(world, args.shard)
     if args.cache == "memory" and world > 1:
         raise DataError("--cache memory cannot be shared across shards; use --cache disk.")
-    for root in args.data + args.aux:
+    for root in args.data + args.aux + args.evict_tokens:
         if not Path(root).is_dir():
             raise DataError(f"{root}: no such dataset folder.")
     data.check_output_folder(args.out)  # before the model loads: a typo costs one sentence
@@ -1014,8 +1120,8 @@ def command_train(args) -> int:
     vlad = train(backbone, samples, args.out, args.epochs, args.batch_size, args.lr, args.seed, args.omega,
                  args.focal_gamma, args.focal_alpha, args.dice_beta, args.cache, args.extract_batch, args.resume,
                  rank, world, progress=not args.quiet, extra_config=extra, terms=args.loss, cache_dir=cache_dir,
-                 report=report, evict=range(len(training_samples(args.data, []))) if args.evict_data_tokens else (),
-                 restart=args.restart)
+                 report=report, evict=training_samples(args.evict_tokens, []) if args.evict_tokens else [],
+                 workers=args.workers, restart=args.restart)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     if vlad is None:
@@ -1055,7 +1161,7 @@ def command_predict(args) -> int:
                                           provenance={"checkpoint": str(Path(args.ckpt).resolve()),
                                                       "epoch": config.get("epoch"),
                                                       "backbone": config["backbone"]},
-                                          bank_dtype=bank_dtype))
+                                          bank_dtype=bank_dtype, workers=args.workers))
     images = sum(s["images"] for s in summaries)
     waiting = [s["category"] for s in summaries if not s["scores_csv"]]
     categories = f"{len(summaries)} categor{'y' if len(summaries) == 1 else 'ies'}"
@@ -1080,6 +1186,9 @@ def main(argv=None) -> int:
                          help="of the frozen backbone; auto = fp16 on CUDA, fp32 on CPU")
         sub.add_argument("--shard", default=None, help="i/n: this process's share (default: torchrun's RANK)")
         sub.add_argument("--quiet", action="store_true", help="no progress bars")
+        sub.add_argument("--workers", type=worker_count, default=default_workers(),
+                         help="DataLoader processes that decode images while the backbone computes; the results are "
+                              "the same for every count (default min(8, CPUs); 0 = in the main process)")
 
     train_parser = commands.add_parser("train", help="train the adapters on generated (and auxiliary) folders")
     train_parser.add_argument("--data", action="append", required=True, type=Path,
@@ -1106,10 +1215,11 @@ def main(argv=None) -> int:
     train_parser.add_argument("--cache-dir", default=None, type=Path,
                               help="the disk cache, keyed by content and shareable by every run "
                                    "(default $XDG_CACHE_HOME/vlad/tokens or ~/.cache/vlad/tokens)")
-    train_parser.add_argument("--evict-data-tokens", action="store_true",
-                              help="once trained, delete the cache entries of the --data images (a generated set "
-                                   "one run trains on); the --aux entries stay for the next run")
-    train_parser.add_argument("--extract-batch", type=positive_int, default=8, help="images per backbone forward")
+    train_parser.add_argument("--evict-tokens", action="append", default=[], type=Path, metavar="ROOT",
+                              help="once trained, delete the cache entries of ROOT's images, read as --data reads "
+                                   "them (a generated set no later run trains on); repeatable")
+    train_parser.add_argument("--extract-batch", type=positive_int, default=8,
+                              help="images per loading batch when the cache is filled (one worker decodes one batch)")
     start = train_parser.add_mutually_exclusive_group()
     start.add_argument("--resume", action="store_true", help="continue RUN from its last epoch")
     start.add_argument("--restart", action="store_true",
@@ -1123,7 +1233,8 @@ def main(argv=None) -> int:
     predict_parser.add_argument("--seed", type=int, default=SEED, help="which k normal images (data.select_k_shot)")
     predict_parser.add_argument("--out", required=True, type=Path, help="prediction root (MVTec layout)")
     predict_parser.add_argument("--category", action="append", default=None, help="only these; repeatable")
-    predict_parser.add_argument("--batch-size", type=positive_int, default=8)
+    predict_parser.add_argument("--batch-size", type=positive_int, default=8,
+                                help="images per loading batch (each is scored alone: no result depends on it)")
     predict_parser.add_argument("--chunk", type=positive_int, default=NN_CHUNK, help="rows per nearest-neighbour block")
     predict_parser.add_argument("--bank-dtype", default="auto", choices=["auto", *BANK_DTYPES],
                                 help="memory bank storage; the search accumulates in fp32 (auto: the backbone's "
