@@ -3069,7 +3069,7 @@ def test_a_cache_fill_killed_midway_and_run_again_writes_the_entries_of_an_unint
     monkeypatch.undo()
     capsys.readouterr()
     assert vlad.main(argv) == 0  # the same command again: 2 entries kept, the other 4 computed in other batches
-    assert vlad_cache_line(capsys) == (4, 2)
+    assert vlad_cache_line(capsys) == (4, 2, 0)
     entries = sorted(p.relative_to(straight / "tokens") for p in (straight / "tokens").rglob("*.safetensors"))
     assert len(entries) == 6
     assert sorted(p.relative_to(killed / "tokens") for p in (killed / "tokens").rglob("*.safetensors")) == entries
@@ -3559,16 +3559,17 @@ def test_each_epoch_sees_another_order_of_the_samples_and_a_resumed_run_the_same
                                                                                         monkeypatch):
     gen = vlad_make_synthetic_dataset(tmp_path / "gen", n_train=2, n_good=0, n_bad=4, soft=True)  # 6 images
     images = sorted(str(s.image) for s in vlad.training_samples([gen], []))
-    batches, get = [], vlad.TokenCache.get
+    batches, read = [], vlad.TokenCache.batches
 
-    def recording_get(self, indices):                         # what each training step is fed, in order
-        batches.append([str(self.samples[i].image) for i in indices])
-        return get(self, indices)
+    def recording_batches(self, epoch_batches):               # what each training step is fed, in order
+        for indices, batch in zip(epoch_batches, read(self, epoch_batches)):
+            batches.append([str(self.samples[i].image) for i in indices])
+            yield batch
 
     def orders() -> list[list[str]]:                          # batch size 4: two steps per epoch
         return [batches[step] + batches[step + 1] for step in range(0, len(batches), 2)]
 
-    monkeypatch.setattr(vlad.TokenCache, "get", recording_get)
+    monkeypatch.setattr(vlad.TokenCache, "batches", recording_batches)
     assert vlad.main(vlad_train_args(vlad_tiny_clip, gen, tmp_path / "straight", "--epochs", "3")) == 0
     straight = orders()
     assert len(straight) == 3 and all(sorted(order) == images for order in straight)  # each image once an epoch

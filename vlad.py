@@ -1214,7 +1214,7 @@ def command_train(args) -> int:
     if args.cache == "disk":
         data.check_output_folder(cache_dir, "--cache-dir")
         data.remove_dead_temporaries(cache_dir, recursive=True)  # what killed runs left; live writers' stay
-    data.remove_dead_temporaries(args.out, recursive=True)
+    data.remove_dead_temporaries(args.out)  # the run folder's own files (old-N/ holds moved ones, never temporaries)
     samples = training_samples(args.data, args.aux)
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
