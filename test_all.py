@@ -3561,9 +3561,9 @@ def test_each_epoch_sees_another_order_of_the_samples_and_a_resumed_run_the_same
     images = sorted(str(s.image) for s in vlad.training_samples([gen], []))
     batches, read = [], vlad.TokenCache.batches
 
-    def recording_batches(self, epoch_batches):               # what each training step is fed, in order
-        for indices, batch in zip(epoch_batches, read(self, epoch_batches)):
-            batches.append([str(self.samples[i].image) for i in indices])
+    def recording_batches(self, indices):                     # what each training step is fed, in order
+        for step, batch in zip(indices, read(self, indices)):
+            batches.append([str(self.samples[i].image) for i in step])
             yield batch
 
     def orders() -> list[list[str]]:                          # batch size 4: two steps per epoch
