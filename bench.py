@@ -576,10 +576,13 @@ def vlad_protocol_scaled(folder: Path, backbone: vlad.Backbone, normals: dict[st
     cache, peak = folder / "tokens", 0
     aux_samples = vlad.training_samples([], [aux])
 
+    def entries() -> int:  # not a temporary (.KEY.safetensors.XXXXXXXX.tmp.safetensors ends in .safetensors too)
+        return sum(not data.is_temporary(path) for path in cache.rglob("*.safetensors"))
+
     def train(root: Path, evicted: Path | None) -> None:
         nonlocal peak
         vlad.TokenCache(backbone, vlad.training_samples([root], []) + aux_samples, "disk", cache).fill(progress=False)
-        peak = max(peak, len(list(cache.rglob("*.safetensors"))))
+        peak = max(peak, entries())
         if evicted is not None and evict:
             gone = vlad.training_samples([evicted], [])
             vlad.TokenCache(backbone, gone, "disk", cache).evict(range(len(gone)))
@@ -600,7 +603,7 @@ def vlad_protocol_scaled(folder: Path, backbone: vlad.Backbone, normals: dict[st
     train(full, full)
     generated = sum(len(data.read_jsonl(meta)) for root in [folder / f"seed{seed}/generated" for seed in range(5)]
                     + [full] for meta in root.glob("*/meta.jsonl"))  # the k<K>_seed<S> folders hold links
-    return generated, peak, len(list(cache.rglob("*.safetensors")))
+    return generated, peak, entries()
 
 
 def bench_vlad_protocol() -> None:

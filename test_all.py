@@ -24,6 +24,7 @@ import math
 import pickle
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -3071,7 +3072,7 @@ def test_a_cache_fill_killed_midway_and_run_again_writes_the_entries_of_an_unint
     monkeypatch.undo()
     capsys.readouterr()
     assert vlad.main(argv) == 0  # the same command again: 2 entries kept, the other 4 computed in other batches
-    assert vlad_cache_line(capsys) == (4, 2)
+    assert vlad_cache_line(capsys) == (4, 2, 0)
     entries = sorted(p.relative_to(straight / "tokens") for p in (straight / "tokens").rglob("*.safetensors"))
     assert len(entries) == 6
     assert sorted(p.relative_to(killed / "tokens") for p in (killed / "tokens").rglob("*.safetensors")) == entries
@@ -3164,17 +3165,158 @@ def test_resumed_training_equals_uninterrupted_training(vlad_tiny_clip, tmp_path
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "resumed").rglob("*")} == before
 
 
-def vlad_cache_line(capsys, errors: list | None = None) -> tuple[int, int]:
-    """(computed, reused) from the one line `vlad.py train` prints about the token cache; stderr to `errors`."""
+def vlad_files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+def test_an_unreadable_training_state_names_restart_which_moves_the_run_aside_and_trains_afresh(vlad_tiny_clip,
+                                                                                                 tmp_path, capsys):
+    gen = vlad_make_synthetic_dataset(tmp_path / "gen", n_train=1, n_good=0, n_bad=2, soft=True)
+    run = tmp_path / "run"
+    assert vlad.main(vlad_train_args(vlad_tiny_clip, gen, run, "--epochs", "1")) == 0
+    state = run / "train_state.safetensors"
+    state.write_bytes(state.read_bytes()[:1000])  # a copy that broke off
+    before = vlad_files(run)
+    capsys.readouterr()
+    for flags in (["--resume"], []):  # neither way is a dead end: both say what to run
+        assert vlad.main(vlad_train_args(vlad_tiny_clip, gen, run, "--epochs", "1", *flags)) == 2
+        error = capsys.readouterr().err
+        assert error.startswith("error: ") and len(error.strip().splitlines()) == 1, error
+        assert "--restart" in error and f"moves its files to {run / 'old-1'} and trains from scratch" in error
+        assert ("in place of --resume" in error) == bool(flags)
+    assert vlad_files(run) == before  # a refusal changes nothing
+    with pytest.raises(SystemExit) as exit_info:
+        vlad.main(vlad_train_args(vlad_tiny_clip, gen, run, "--resume", "--restart"))
+    assert exit_info.value.code == 2 and "not allowed with" in capsys.readouterr().err
+
+    assert vlad.main(vlad_train_args(vlad_tiny_clip, gen, run, "--epochs", "1", "--restart")) == 0
+    assert f"--restart: moved the previous run's files to {run / 'old-1'};" in capsys.readouterr().out
+    assert vlad_files(run / "old-1") == before  # moved, not deleted
+    assert vlad.main(vlad_train_args(vlad_tiny_clip, gen, tmp_path / "fresh", "--epochs", "1")) == 0
+    assert vlad_files(run).keys() == vlad_files(tmp_path / "fresh").keys()
+    restarted, fresh = (load_file(str(folder / "train_state.safetensors")) for folder in (run, tmp_path / "fresh"))
+    assert restarted.keys() == fresh.keys() and all(torch.equal(restarted[k], fresh[k]) for k in fresh)
+    initial = vlad_untrained_weights(vlad_tiny_clip, gen, tmp_path / "init")
+    vlad_assert_moved({k: v for k, v in restarted.items() if k.startswith("vlad.")},
+                      {f"vlad.{k}": v for k, v in initial.items()})
+    capsys.readouterr()
+    assert vlad.main(vlad_train_args(vlad_tiny_clip, gen, run, "--epochs", "1", "--resume", "--lr", "0.5")) == 2
+    error = capsys.readouterr().err  # other settings: the same way out, to the next free folder
+    assert "other settings (lr)" in error and f"--restart in place of --resume (which moves its files to " \
+        f"{run / 'old-2'}" in error
+
+
+def test_train_and_predict_remove_the_temporaries_of_dead_writers_from_the_folders_they_write(vlad_tiny_clip,
+                                                                                               tmp_path):
+    gen = vlad_make_synthetic_dataset(tmp_path / "gen", n_train=1, n_good=0, n_bad=2, soft=True)
+    run, pred, tokens = tmp_path / "run", tmp_path / "pred", tmp_path / "tokens"
+    assert vlad.main(vlad_train_args(vlad_tiny_clip, gen, run, "--epochs", "1")) == 0
+    assert vlad.main(["predict", "--ckpt", str(run), "--data", str(gen), "--out", str(pred), "--quiet"]) == 0
+    entry = next(tokens.rglob("*.safetensors"))
+    # what kill -9 leaves mid-write: a temporary nobody holds a lock on, in folders a finished re-run never writes
+    dead = [run / ".train_state.safetensors.k1lled_0.tmp.safetensors",
+            entry.parent / f".{entry.name}.k1lled_0.tmp.safetensors",
+            pred / "texture/test/bright/.000.tiff.k1lled_0.tmp.tiff",
+            pred / "texture/overlay/dark/.001.png.k1lled_0.tmp.png"]
+    for path in dead:
+        path.write_bytes(b"half a file")
+        assert data.is_temporary(path)
+
+    def files():
+        return {path: path.stat().st_mtime_ns for folder in (run, pred, tokens) for path in folder.rglob("*")
+                if path.is_file()}
+
+    finished = {path: mtime for path, mtime in files().items() if path not in dead}
+    assert vlad.main(vlad_train_args(vlad_tiny_clip, gen, run, "--epochs", "1", "--resume")) == 0
+    assert not any(path.exists() for path in dead[:2]) and all(path.exists() for path in dead[2:])
+    assert vlad.main(["predict", "--ckpt", str(run), "--data", str(gen), "--out", str(pred), "--quiet"]) == 0
+    assert not any(path.exists() for path in dead)
+    assert files() == finished  # and nothing else was touched
+
+
+VLAD_ON_A_SMALL_DISK = """
+import contextlib, io, json, shutil, sys
+sys.path.insert(0, {here!r})
+from pathlib import Path
+import data, vlad
+disk = Path({disk!r})
+readers = {{".safetensors": lambda p: vlad.load_file(str(p)), ".tiff": data.load_tiff, ".png": data.load_image,
+            ".json": lambda p: json.loads(p.read_text()), ".jsonl": data.read_jsonl}}
+for free_kilobytes, argv in {cases!r}:  # one process (one import of torch) for every case
+    ballast = disk / "ballast"
+    ballast.write_bytes(b"0" * (shutil.disk_usage(disk).free - free_kilobytes * 1024))
+    error = io.StringIO()
+    with contextlib.redirect_stderr(error):
+        code = vlad.main(argv)
+    files = {{}}
+    for path in sorted(disk.rglob("*")):  # what is left on the full disk, each file read back
+        if path.is_file() and path != ballast:
+            try:
+                files[str(path)] = "temporary" if data.is_temporary(path) else "whole"
+                readers[path.suffix](path)
+            except Exception:
+                files[str(path)] = "broken"
+    print(json.dumps({{"code": code, "error": error.getvalue(), "files": files}}))
+    for path in disk.iterdir():
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+"""
+
+
+def vlad_on_a_small_disk(disk: Path, cases: list[tuple[int, list]]) -> list[dict]:
+    """Each `vlad.main(argv)` with `disk` on a tmpfs that has `free_kilobytes` free, one after another in one
+    process: [{code, error (stderr), files: {file left on the disk: whole|broken|temporary}}]."""
+    cases = [(free, [str(a) for a in argv]) for free, argv in cases]
+    code = VLAD_ON_A_SMALL_DISK.format(here=str(HERE), disk=str(disk), cases=cases)
+    result = run_on_a_small_disk(disk, 512, "-c", code)
+    assert result.returncode == 0, result.stderr
+    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+
+
+def test_a_full_disk_under_the_token_cache_the_run_or_the_predictions_is_one_sentence_and_leaves_only_whole_files(
+        vlad_trained_run, vlad_tiny_clip, tmp_path):
+    gen = vlad_make_synthetic_dataset(tmp_path / "gen", n_train=1, n_good=0, n_bad=3, soft=True)
+    assert vlad.main(vlad_train_args(vlad_tiny_clip, gen, tmp_path / "run", "--epochs", "0")) == 0
+    entry_bytes = {p.stat().st_size for p in (tmp_path / "tokens").rglob("*.safetensors")}
+    assert len(entry_bytes) == 1  # every entry of the tiny model has the same size: 63 kB
+    state_bytes = (tmp_path / "run/train_state.safetensors").stat().st_size  # 39 kB at epoch 0
+    disk = tmp_path / "disk"
+    cases = [  # the cache fills the disk after one entry; not even the run's first checkpoint fits; two maps fit
+        (100, vlad_train_args(vlad_tiny_clip, gen, tmp_path / "run2", "--epochs", "1", "--cache-dir", disk / "tokens")),
+        (24, vlad_train_args(vlad_tiny_clip, gen, disk / "run", "--epochs", "1", "--cache-dir", tmp_path / "tokens")),
+        (120, ["predict", "--ckpt", vlad_trained_run["run"], "--data", vlad_trained_run["held_out"], "--k-shot", "1",
+               "--out", disk / "pred", "--quiet", "--batch-size", "2"])]
+    cache, run, pred = vlad_on_a_small_disk(disk, cases)
+    for result, folder, needed in ((cache, disk / "tokens", entry_bytes.pop()), (run, disk / "run", state_bytes),
+                                   (pred, disk / "pred/texture", None)):
+        error = result["error"]
+        assert result["code"] == 2 and len(error.strip().splitlines()) == 1 and "Traceback" not in error, error
+        assert re.match(rf"error: {re.escape(str(folder))}\S*: the disk is full \(", error), error
+        assert f"({needed:,} bytes needed" in error if needed else " bytes needed, " in error, error
+        assert "temporary" not in result["files"].values()
+    assert list(cache["files"].values()) == ["whole"] and run["files"] == {}
+    assert sum(p.endswith(".tiff") for p in pred["files"]) >= 1
+    assert str(disk / "pred/texture/k_shot.json") in pred["files"]
+    assert set(pred["files"].values()) == {"whole"}, pred["files"]  # every map, overlay and score line left is whole
+
+
+def vlad_cache_counts(stdout: str) -> tuple[int, int, int]:
+    """(computed, reused, unreadable) from the one line `vlad.py train` prints about the token cache."""
+    found = re.findall(r"token cache .*: (\d+) computed, (\d+) reused, (\d+) unreadable \(computed again\)$",
+                       stdout, re.MULTILINE)
+    assert len(found) == 1, stdout
+    return tuple(int(n) for n in found[0])
+
+
+def vlad_cache_line(capsys, errors: list | None = None) -> tuple[int, int, int]:
+    """`vlad_cache_counts` of what `vlad.py train` printed since the last call; its stderr to `errors`."""
     captured = capsys.readouterr()
     if errors is not None:
         errors.append(captured.err)
-    found = re.findall(r"token cache .*: (\d+) computed, (\d+) reused", captured.out)
-    assert len(found) == 1
-    return int(found[0][0]), int(found[0][1])
+    return vlad_cache_counts(captured.out)
 
 
-def test_token_cache_is_shared_by_runs_and_keyed_by_the_image_content(vlad_tiny_clip, tmp_path, capsys):
+def test_token_cache_is_shared_by_runs_and_keyed_by_the_image_content(vlad_tiny_clip, tmp_path, capsys,
+                                                                      monkeypatch):
     gen = vlad_make_synthetic_dataset(tmp_path / "gen", n_train=2, n_good=0, n_bad=3, soft=True)
     cache = tmp_path / "tokens"
 
@@ -3184,7 +3326,7 @@ def test_token_cache_is_shared_by_runs_and_keyed_by_the_image_content(vlad_tiny_
         assert vlad.main(vlad_train_args(vlad_tiny_clip, root, tmp_path / out, "--epochs", "1", *extra)) == 0
         return vlad_cache_line(capsys, errors)
 
-    assert train(gen, "first") == (5, 0)
+    assert train(gen, "first") == (5, 0, 0)
     entries = sorted(cache.rglob("*.safetensors"))
     assert len(entries) == 5 and all(e.parent.name == e.name[:2] for e in entries)
     entry = load_file(str(next(e for e in entries if load_file(str(e))["y_img"].item() == 1.0)))
@@ -3193,7 +3335,7 @@ def test_token_cache_is_shared_by_runs_and_keyed_by_the_image_content(vlad_tiny_
 
     copy = tmp_path / "copy"  # the same images elsewhere (another run's folder, a copied dataset): all reused
     shutil.copytree(gen, copy)
-    assert train(copy, "second") == (0, 5)
+    assert train(copy, "second") == (0, 5, 0)
     assert sorted(cache.rglob("*.safetensors")) == entries
     torch.testing.assert_close(load_file(str(tmp_path / "second/vlad.safetensors")),
                                load_file(str(tmp_path / "first/vlad.safetensors")), atol=0, rtol=0)
@@ -3202,15 +3344,138 @@ def test_token_cache_is_shared_by_runs_and_keyed_by_the_image_content(vlad_tiny_
     pixels = np.asarray(data.load_image(changed)).copy()
     pixels[0, 0] = 255 - pixels[0, 0]
     data.save_image(pixels, changed)
-    assert train(copy, "third") == (1, 4)
-    assert train(copy, "fourth", "--stages", "1,3") == (5, 0)  # another backbone signature: nothing shared
+    assert train(copy, "third") == (1, 4, 0)
+    assert train(copy, "fourth", "--stages", "1,3") == (5, 0, 0)  # another backbone signature: nothing shared
 
-    entries[0].write_bytes(entries[0].read_bytes()[:100])  # an entry cut short (a copy that broke off)
-    assert train(gen, "fifth") == (0, 5)
-    assert "unreadable token cache entry" in errors[-1] and "unreadable" not in "".join(errors[:-1])
-    assert load_file(str(entries[0]))["tokens"].shape[0] == 4  # written again, whole
-    torch.testing.assert_close(load_file(str(tmp_path / "fifth/vlad.safetensors")),  # recomputed alone, not in a
+    for entry in entries[:2]:  # entries cut short (a copy that broke off): found when listed, not when read
+        entry.write_bytes(entry.read_bytes()[:100])
+    encoded = vlad_count_encoded_images(monkeypatch)
+    assert train(gen, "fifth") == (0, 3, 2)
+    assert encoded == [2] and "warning" not in errors[-1]  # computed again together, before training
+    assert all(load_file(str(entry))["tokens"].shape[0] == 4 for entry in entries[:2])  # written again, whole
+    torch.testing.assert_close(load_file(str(tmp_path / "fifth/vlad.safetensors")),  # recomputed in another
                                load_file(str(tmp_path / "first/vlad.safetensors")), atol=0, rtol=0)  # batch: the same
+
+
+def test_entries_another_run_evicts_during_training_are_computed_again_together(vlad_tiny_clip, tmp_path,
+                                                                                 monkeypatch, capsys):
+    gen = vlad_make_synthetic_dataset(tmp_path / "gen", n_train=2, n_good=0, n_bad=5, soft=True)
+    cache = tmp_path / "tokens"
+    fill = vlad.TokenCache.fill
+
+    def fill_then_another_run_evicts_five(token_cache, *args, **kwargs):
+        fill(token_cache, *args, **kwargs)
+        for entry in sorted(cache.rglob("*.safetensors"))[:5]:
+            entry.unlink()  # what another run's --evict-tokens does to the images it shares with this one
+
+    monkeypatch.setattr(vlad.TokenCache, "fill", fill_then_another_run_evicts_five)
+    encoded = vlad_count_encoded_images(monkeypatch)
+    assert vlad.main(vlad_train_args(vlad_tiny_clip, gen, tmp_path / "run", "--epochs", "2",
+                                     "--extract-batch", "4")) == 0
+    out = capsys.readouterr().out
+    assert vlad_cache_counts(out) == (7, 0, 0)
+    assert encoded == [4, 3, 4, 1]  # the fill's two batches; then the five evicted entries, which two training
+    #                                 batches of 4 and 3 need, in batches of 4 when the first is missed, once
+    assert "5 entries deleted by another run's eviction during training were computed again" in out
+    assert len(list(cache.rglob("*.safetensors"))) == 7
+    monkeypatch.undo()
+    assert vlad.main(vlad_train_args(vlad_tiny_clip, gen, tmp_path / "plain", "--epochs", "2", "--cache", "none")) == 0
+    torch.testing.assert_close(load_file(str(tmp_path / "run/vlad.safetensors")),  # each image encoded alone:
+                               load_file(str(tmp_path / "plain/vlad.safetensors")), atol=0, rtol=0)  # the same bits
+
+
+VLAD_TRAIN_CHILD = """
+import os, signal, sys, time
+sys.path.insert(0, {here!r})
+from pathlib import Path
+import vlad
+
+encode_images, fill = vlad.Backbone.encode_images, vlad.TokenCache.fill
+
+
+def slow_encode_images(backbone, pixels):  # a backbone slow enough that runs started together overlap
+    time.sleep({seconds_per_forward})
+    return encode_images(backbone, pixels)
+
+
+def fill_together(cache, *args, **kwargs):  # every child enters the fill within milliseconds of the others
+    Path({meet!r}, str(os.getpid())).touch()
+    while len(os.listdir({meet!r})) < {children}:
+        time.sleep(0.01)
+    return fill(cache, *args, **kwargs)
+
+
+vlad.Backbone.encode_images, vlad.TokenCache.fill = slow_encode_images, fill_together
+write_bytes, entries_written = Path.write_bytes, []
+
+
+def write_bytes_then_die(path, blob):  # kill -9 midway through the atomic write of entry number `kill_at`
+    if path.name.endswith(".tmp.safetensors") and "tokens" in path.parts:
+        entries_written.append(path)
+        if len(entries_written) == {kill_at}:
+            write_bytes(path, blob[:len(blob) // 2])
+            os.kill(os.getpid(), signal.SIGKILL)
+    return write_bytes(path, blob)
+
+
+Path.write_bytes = write_bytes_then_die
+sys.exit(vlad.main({argv!r}))
+"""
+
+
+def vlad_start_trains(tmp_path: Path, argvs: list[list], seconds_per_forward: float = 0.0,
+                      kill_at: int = 0) -> list[subprocess.Popen]:
+    """`vlad.py train` processes that enter the token cache's fill together (optionally with a slow backbone,
+    or killed with SIGKILL halfway through writing their `kill_at`-th entry)."""
+    meet = tmp_path / f"meet{len(list(tmp_path.glob('meet*')))}"
+    meet.mkdir()
+    children = []
+    for argv in argvs:
+        code = VLAD_TRAIN_CHILD.format(here=str(HERE), argv=[str(a) for a in argv], meet=str(meet),
+                                       children=len(argvs), seconds_per_forward=seconds_per_forward, kill_at=kill_at)
+        children.append(subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                         text=True, env=dict(os.environ, OMP_NUM_THREADS="1")))
+    return children
+
+
+def vlad_left_in(*folders: Path) -> list[str]:
+    """Every hidden file (a temporary or a claim) left in these trees."""
+    return sorted(p.name for folder in folders for p in folder.rglob(".*") if p.is_file())
+
+
+def test_two_concurrent_trains_sharing_a_token_cache_compute_each_entry_once(vlad_tiny_clip, tmp_path):
+    gen = vlad_make_synthetic_dataset(tmp_path / "gen", n_train=2, n_good=0, n_bad=8, soft=True)
+    argvs = [vlad_train_args(vlad_tiny_clip, gen, tmp_path / run, "--epochs", "1", "--extract-batch", "2")
+             for run in ("a", "b")]
+    children = vlad_start_trains(tmp_path, argvs, 0.3)
+    outputs = [child.communicate(timeout=600) for child in children]
+    assert [child.returncode for child in children] == [0, 0], outputs
+    (computed_a, reused_a, _), (computed_b, reused_b, _) = (vlad_cache_counts(out) for out, _ in outputs)
+    assert computed_a + computed_b == 10  # each of the 10 images once, by one of them
+    assert computed_a > 0 and computed_b > 0  # they did overlap: each computed what the other had not claimed
+    assert computed_a + reused_a == computed_b + reused_b == 10  # and waited for the other's
+    assert len(list((tmp_path / "tokens").rglob("*.safetensors"))) == 10 and vlad_left_in(tmp_path / "tokens") == []
+    weights_a, weights_b = (load_file(str(tmp_path / run / "vlad.safetensors")) for run in ("a", "b"))
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+
+
+def test_a_train_killed_while_filling_the_cache_leaves_nothing_behind_the_next_run_which_equals_an_uninterrupted_one(
+        vlad_tiny_clip, tmp_path, capsys):
+    gen = vlad_make_synthetic_dataset(tmp_path / "gen", n_train=2, n_good=0, n_bad=4, soft=True)
+    argv = vlad_train_args(vlad_tiny_clip, gen, tmp_path / "run", "--epochs", "2", "--extract-batch", "2")
+    [child] = vlad_start_trains(tmp_path, [argv], kill_at=3)  # in the second batch's first write
+    child.communicate(timeout=600)
+    assert child.returncode == -signal.SIGKILL
+    left = vlad_left_in(tmp_path / "tokens")
+    assert len(left) == 3 and all(data.is_temporary(name) for name in left)  # half an entry, two dead claims
+    assert len(list((tmp_path / "tokens").rglob("[!.]*.safetensors"))) == 2
+    assert vlad.main(argv) == 0  # the same command again
+    assert vlad_cache_counts(capsys.readouterr().out) == (4, 2, 0)
+    assert vlad_left_in(tmp_path / "tokens", tmp_path / "run") == []
+    assert vlad.main(vlad_train_args(vlad_tiny_clip, gen, tmp_path / "straight", "--epochs", "2", "--cache-dir",
+                                     tmp_path / "other_tokens")) == 0
+    resumed, straight = (load_file(str(tmp_path / run / "train_state.safetensors")) for run in ("run", "straight"))
+    torch.testing.assert_close(resumed, straight, atol=0, rtol=0)  # the README's promise: the same bits
 
 
 def test_evicting_a_runs_generated_tokens_keeps_the_auxiliary_ones_for_the_next_run(vlad_tiny_clip, tmp_path,
@@ -3220,12 +3485,12 @@ def test_evicting_a_runs_generated_tokens_keeps_the_auxiliary_ones_for_the_next_
     argv = vlad_train_args(vlad_tiny_clip, gen, tmp_path / "first", "--epochs", "1", "--aux", aux,
                            "--evict-tokens", gen)
     assert vlad.main(argv) == 0
-    assert vlad_cache_line(capsys) == (5, 0)
+    assert vlad_cache_line(capsys) == (5, 0, 0)
     remaining = sorted(p.name for p in (tmp_path / "tokens").rglob("*.safetensors"))
     assert len(remaining) == 2  # the two auxiliary test images; the three generated ones are gone
     second = vlad_train_args(vlad_tiny_clip, gen, tmp_path / "second", "--epochs", "1", "--aux", aux)
     assert vlad.main(second) == 0
-    assert vlad_cache_line(capsys) == (3, 2)
+    assert vlad_cache_line(capsys) == (3, 2, 0)
     torch.testing.assert_close(load_file(str(tmp_path / "second/vlad.safetensors")),
                                load_file(str(tmp_path / "first/vlad.safetensors")), atol=0, rtol=0)
 
@@ -3236,7 +3501,7 @@ def test_token_cache_defaults_to_the_user_cache_folder_outside_the_run(vlad_tiny
     argv = vlad_train_args(vlad_tiny_clip, gen, tmp_path / "run", "--epochs", "0")
     argv = argv[:argv.index("--cache-dir")] + argv[argv.index("--cache-dir") + 2:]
     assert vlad.main(argv) == 0
-    assert vlad_cache_line(capsys) == (2, 0)
+    assert vlad_cache_line(capsys) == (2, 0, 0)
     assert len(list((tmp_path / "xdg/vlad/tokens").rglob("*.safetensors"))) == 2
     assert not list((tmp_path / "run").rglob("*.safetensors.*")) and not (tmp_path / "run/token_cache").exists()
     assert (tmp_path / "run/log.jsonl").read_text() == ""  # --epochs 0: the log it names exists, and is empty
@@ -3935,7 +4200,8 @@ def e2e_files(folder: Path) -> dict:
     return {p: p.stat().st_mtime_ns for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-E2E_TOKEN_CACHE_LINE = re.compile(r"^token cache (.+): (\d+) computed, (\d+) reused$", re.MULTILINE)
+E2E_TOKEN_CACHE_LINE = re.compile(r"^token cache (.+): (\d+) computed, (\d+) reused, 0 unreadable \(computed again\)$",
+                                  re.MULTILINE)
 
 
 def e2e_token_cache_lines(stdout: str) -> list[tuple[Path, int, int]]:

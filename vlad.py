@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import fcntl
 import hashlib
 import html
 import io
@@ -566,11 +567,15 @@ class TokenCache:
     weights hash, input size, stages, precision) and the bytes of the image and of its mask. So the folder can
     be shared by every run that sees the same image (reproduce.sh's 16 runs all read the auxiliary set's one
     copy), a changed image or backbone is never served a stale entry, and a copied dataset still hits. Entries
-    are written atomically, so an interrupted run keeps what it finished, shards (or two runs) can fill it in
-    parallel, and a reader never sees half a file; an entry that cannot be read is computed again.
+    are written atomically (data.save_bytes), so an interrupted run keeps what it finished and a reader never
+    sees half a file. Runs and shards fill one folder together: an entry is claimed before it is computed (an
+    exclusive flock, which the kernel drops when its process dies), and one that another live run has claimed is
+    waited for, never computed twice. Entries are checked when they are listed, so one cut short is computed
+    again with the missing ones, in batches; so is every entry another run evicts while this one trains.
     mode 'memory': kept in RAM; mode 'none': recomputed for every batch (the slow reference the cache must agree
-    with). Images are decoded `batch_size` at a time by `workers` DataLoader processes. `computed` and `reused`
-    count this process's work."""
+    with). Images are decoded `batch_size` at a time by `workers` DataLoader processes. This process's counts:
+    `computed`, `reused` (there already, or written meanwhile by another run), `unreadable` (there but cut
+    short: computed again) and `evicted` (deleted by another run while this one trained: computed again)."""
 
     def __init__(self, backbone: Backbone, samples: list[data.Sample], mode: str = "disk", folder=None,
                  batch_size: int = 8, workers: int = 0):
@@ -582,7 +587,7 @@ class TokenCache:
                                    masks=[s.mask for s in samples])
         self.folder = Path(folder) if folder is not None else default_cache_dir()
         self.memory: dict[int, dict[str, torch.Tensor]] = {}
-        self.computed = self.reused = 0
+        self.computed = self.reused = self.unreadable = self.evicted = 0
         self.keys: list[str] = []
         if mode == "disk":
             signature = json.dumps(backbone.signature(), sort_keys=True)
@@ -598,58 +603,168 @@ class TokenCache:
         key = self.keys[index]
         return self.folder / key[:2] / f"{key}.safetensors"  # 256 subfolders: no folder of 100,000 files
 
-    def _compute(self, batches: list[list[int]]) -> Iterator[tuple[list[int], list[dict[str, torch.Tensor]]]]:
+    def _state(self, index: int) -> str:
+        """'whole', 'missing' or 'unreadable', from the entry's header alone: safetensors refuses a header that
+        does not cover the file exactly, so a file cut short is unreadable without reading its tensors."""
+        try:
+            with safe_open(str(self._file(index)), framework="pt") as handle:
+                names = tuple(sorted(handle.keys()))
+                stages = handle.get_slice("tokens").get_shape()[0] if "tokens" in names else None
+        except FileNotFoundError:
+            return "missing"
+        except Exception:  # safetensors raises its own error types, OSError, ...
+            return "unreadable"
+        return "whole" if names == ENTRY_NAMES and stages == len(self.backbone.stages) else "unreadable"
+
+    def _claim_file(self, index: int) -> Path:
+        """Named like a temporary of the entry (`data.is_temporary`), so data.py's sweep of dead writers' files
+        removes a dead claimer's, and no count of entries counts it."""
+        entry = self._file(index)
+        return entry.with_name(f".{entry.name}.claiming.tmp")
+
+    def _claim(self, index: int) -> int | None:
+        """An exclusive lock on the entry's claim file, held while this process computes the entry; None when
+        another live process holds it."""
+        path = self._claim_file(index)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            while True:
+                handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    if os.fstat(handle).st_ino == os.stat(path).st_ino:
+                        return handle
+                except BlockingIOError:
+                    os.close(handle)
+                    return None
+                except FileNotFoundError:
+                    pass
+                os.close(handle)  # its holder released it (or a sweep removed it) before our lock: claim anew
+        except OSError as error:
+            raise data.disk_full_error(path.parent, error) or error
+
+    def _release(self, index: int, handle: int) -> None:
+        self._claim_file(index).unlink(missing_ok=True)  # while locked: no other process holds this file
+        os.close(handle)
+
+    def _wait(self, index: int) -> None:
+        """Block until no live process holds the entry's claim: it wrote the entry, or it died."""
+        try:
+            handle = os.open(self._claim_file(index), os.O_RDONLY)
+        except FileNotFoundError:
+            return
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH)
+        finally:
+            os.close(handle)
+
+    def _compute(self, batches: list[list[int]], busy: list[int] | None = None
+                 ) -> Iterator[tuple[list[int], list[dict[str, torch.Tensor]]]]:
         """Encode these batches of training images, write (disk) or keep (memory) their entries, and yield each
         batch's indices and entries: tokens (L, N, width) and embedding (C,) in the backbone's dtype on CPU,
-        y_pix (S, S) uint8 (255 x the probability), y_img () float32."""
+        y_pix (S, S) uint8 (255 x the probability), y_img () float32. A disk entry is claimed first: one another
+        live run is computing goes to `busy` instead, one written since it was listed is left out."""
         for indices, batch in zip(batches, image_batches(self.images, batches, self.workers)):
-            tokens, embedding = self.backbone.encode_images(batch["pixels"])
+            claims = {}
+            for index in indices if self.mode == "disk" else ():
+                handle = self._claim(index)
+                if handle is None:
+                    busy.append(index)
+                elif self._state(index) == "whole":
+                    self._release(index, handle)
+                else:
+                    claims[index] = handle
+            rows = [row for row, index in enumerate(indices) if self.mode != "disk" or index in claims]
             entries = []
-            for row, index in enumerate(indices):
-                entry = {"tokens": tokens[row].cpu(), "embedding": embedding[row].cpu(), "y_pix": batch["y_pix"][row],
-                         "y_img": torch.tensor(float(self.samples[index].label))}
-                if self.mode == "disk":
-                    data.save_bytes(safetensors.torch.save(entry), self._file(index))
-                elif self.mode == "memory":
-                    self.memory[index] = entry
-                entries.append(entry)
-            self.computed += len(indices)
-            yield indices, entries
+            try:
+                if rows:
+                    tokens, embedding = self.backbone.encode_images(batch["pixels"][rows])  # (b, L, N, w), (b, C)
+                    for row, image_tokens, image_embedding in zip(rows, tokens, embedding):
+                        index = indices[row]
+                        entry = {"tokens": image_tokens.cpu(), "embedding": image_embedding.cpu(),
+                                 "y_pix": batch["y_pix"][row], "y_img": torch.tensor(float(self.samples[index].label))}
+                        if self.mode == "disk":
+                            data.save_bytes(safetensors.torch.save(entry), self._file(index))
+                        elif self.mode == "memory":
+                            self.memory[index] = entry
+                        entries.append(entry)
+            finally:
+                for index, handle in claims.items():
+                    self._release(index, handle)
+            yield [indices[row] for row in rows], entries
+
+    def _batches(self, indices: list[int]) -> list[list[int]]:
+        return [indices[start:start + self.batch_size] for start in range(0, len(indices), self.batch_size)]
+
+    def _fill_disk(self, todo: list[int], progress: bool) -> set[int]:
+        """Compute the disk entries `todo`, in batches; returns those this process computed. An entry another
+        live run is computing is waited for; if that run dies without writing it, a later round computes it."""
+        mine: set[int] = set()
+        bar = tqdm(total=len(todo), desc="caching backbone tokens", unit="img", disable=not progress)
+        while todo:
+            busy: list[int] = []
+            waiting = 0
+            batches = self._batches(todo)
+            for batch, (indices, _) in zip(batches, self._compute(batches, busy)):
+                mine.update(indices)
+                bar.update(len(batch) - (len(busy) - waiting))  # those another run computes count once waited for
+                waiting = len(busy)
+            orphans = []
+            for index in busy:
+                self._wait(index)
+                if self._state(index) == "whole":
+                    bar.update(1)
+                else:
+                    orphans.append(index)  # its run died first: ours to compute
+            todo = orphans
+        bar.close()
+        return mine
 
     def fill(self, rank: int = 0, world: int = 1, progress: bool = True) -> None:
-        """Compute the missing entries of this rank's shard."""
+        """Compute the missing (or unreadable) entries of this rank's shard."""
         if self.mode == "none":
             return
         indices = data.shard_jobs(list(range(len(self.samples))), rank, world)
-        if self.mode == "disk":
-            missing = [i for i in indices if not self._file(i).is_file()]
-        else:
+        if self.mode == "memory":
             missing = [i for i in indices if i not in self.memory]
-        self.reused += len(indices) - len(missing)
-        batches = [missing[start:start + self.batch_size] for start in range(0, len(missing), self.batch_size)]
-        bar = tqdm(total=len(missing), desc="caching backbone tokens", unit="img", disable=not progress)
-        for indices, _ in self._compute(batches):
-            bar.update(len(indices))
-        bar.close()
+            bar = tqdm(total=len(missing), desc="caching backbone tokens", unit="img", disable=not progress)
+            for computed, _ in self._compute(self._batches(missing)):
+                bar.update(len(computed))
+            bar.close()
+            self.computed, self.reused = self.computed + len(missing), self.reused + len(indices) - len(missing)
+            return
+        states = {index: self._state(index) for index in indices}
+        mine = self._fill_disk([index for index in indices if states[index] != "whole"], progress)
+        unreadable = sum(states[index] == "unreadable" for index in mine)
+        self.computed, self.unreadable = self.computed + len(mine) - unreadable, self.unreadable + unreadable
+        self.reused += len(indices) - len(mine)
 
-    def _read(self, index: int) -> dict[str, torch.Tensor]:
-        """One disk entry; computed again when it is missing or unreadable (a copy cut short, a full disk)."""
-        path = self._file(index)
+    def _read(self, index: int) -> dict[str, torch.Tensor] | None:
+        """One disk entry; None when it is gone or unreadable."""
         try:
-            entry = load_file(str(path))
-            if tuple(sorted(entry)) != ENTRY_NAMES or entry["tokens"].shape[0] != len(self.backbone.stages):
-                raise ValueError(f"holds {sorted(entry)}")
-            return entry
-        except Exception as error:  # safetensors raises its own error types, OSError, ValueError, ...
-            if path.exists():
-                print(f"warning: {path}: unreadable token cache entry ({str(error)[:80]}); computing it again",
-                      file=sys.stderr)
-            _, entries = next(self._compute([[index]]))
-            return entries[0]
+            entry = load_file(str(self._file(index)))
+        except Exception:  # safetensors raises its own error types, OSError, ...
+            return None
+        if tuple(sorted(entry)) != ENTRY_NAMES or entry["tokens"].shape[0] != len(self.backbone.stages):
+            return None
+        return entry
+
+    def _read_batch(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
+        """The disk entries of one training batch. When one is gone (another run evicted it) or broke, every
+        entry that is gone is computed again at once, in batches, not one image at a time as it comes up."""
+        entries = [self._read(index) for index in indices]
+        if any(entry is None for entry in entries):
+            gone = [index for index in range(len(self.samples)) if self._state(index) != "whole"]
+            self.evicted += len(self._fill_disk(gone, progress=False))
+            entries = [entry if entry is not None else self._read(index) for index, entry in zip(indices, entries)]
+            if any(entry is None for entry in entries):
+                raise DataError(f"{self._file(indices[entries.index(None)])}: a token cache entry cannot be read "
+                                f"even after computing it again; is {self.folder} writable?")
+        return entries
 
     def evict(self, indices) -> int:
         """Delete the disk entries of these images (a generated set no later run trains on); returns how many.
-        A run still reading one of them computes it again, so this is safe while others use the folder."""
+        A run still training on one of them computes it again, so this is safe while others use the folder."""
         removed = 0
         for index in indices if self.mode == "disk" else ():
             try:
@@ -667,7 +782,7 @@ class TokenCache:
         elif self.mode == "memory":
             rows = ([self.memory[i] for i in batch] for batch in batches)
         else:
-            rows = ([self._read(i) for i in batch] for batch in batches)
+            rows = (self._read_batch(batch) for batch in batches)
         for entries in rows:
             batch = {name: torch.stack([entry[name] for entry in entries]) for name in ENTRY_NAMES}
             batch["y_pix"] = batch["y_pix"].float() / 255.0
@@ -744,8 +859,34 @@ def load_train_state(run: Path) -> tuple[dict, dict[str, torch.Tensor], dict]:
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
         config = json.loads(metadata["config"])
     except Exception as error:
-        raise DataError(f"{path}: cannot read the training state ({error}); start again without --resume.") from None
+        raise DataError(f"{path}: cannot read the training state ({str(error)[:120]}); run the same command with "
+                        f"--restart in place of --resume, {restart_does(run)}.") from None
     return config, tensors, metadata
+
+
+def aside_folder(run: Path) -> Path:
+    """Where --restart moves a run's files: RUN/old-1, or the next number not taken."""
+    number = 1
+    while (run / f"old-{number}").exists():
+        number += 1
+    return run / f"old-{number}"
+
+
+def restart_does(run: Path) -> str:
+    return f"which moves its files to {aside_folder(run)} and trains from scratch"
+
+
+def move_run_aside(run: Path) -> Path | None:
+    """--restart: move the files `train` writes into RUN/old-N, so a run that cannot be resumed (an unreadable
+    state, other settings) starts fresh and nothing is deleted; returns the folder, or None if there was nothing."""
+    present = [run / name for name in (STATE_FILE, ADAPTERS_FILE, CONFIG_FILE, LOG_FILE) if (run / name).exists()]
+    if not present:
+        return None
+    folder = aside_folder(run)
+    folder.mkdir(parents=True)
+    for path in present:
+        os.replace(path, folder / path.name)
+    return folder
 
 
 def load_detector(run, model: str | None = None, pretrained: str | None = None, device: str = "cpu",
@@ -816,12 +957,13 @@ def train(backbone: Backbone, samples: list[data.Sample], run, epochs: int = EPO
           alpha: float = FOCAL_ALPHA, beta: float = DICE_BETA, cache: str = "disk", extract_batch: int = 8,
           resume: bool = False, rank: int = 0, world: int = 1, progress: bool = True, extra_config=None,
           terms: str = "both", cache_dir=None, report=None, evict: list[data.Sample] = (),
-          workers: int = 0) -> VLAD | None:
+          workers: int = 0, restart: bool = False) -> VLAD | None:
     """Train the adapters on `samples`, checkpointing RUN after every epoch; returns the trained VLAD (None on
     a rank that only fills its share of the token cache). `report(TokenCache)` is called once it is filled;
     the disk cache entries of `evict` (training images no later run needs: this run's generated set, or a set
     several runs shared once the last of them is trained) are deleted once the last epoch is saved. `workers`
-    DataLoader processes decode the images (0: this process); the weights are the same for every count."""
+    DataLoader processes decode the images (0: this process); the weights are the same for every count.
+    `restart` trains from scratch over a checkpoint in RUN (the CLI moves it aside first: `move_run_aside`)."""
     run = Path(run)
     config = {
         "model": backbone.model_name, "pretrained": backbone.pretrained, "image_size": backbone.image_size,
@@ -833,15 +975,17 @@ def train(backbone: Backbone, samples: list[data.Sample], run, epochs: int = EPO
             "\n".join(f"{Path(s.image).resolve()}|{s.label}" for s in samples).encode()).hexdigest(),
         **(extra_config or {}),
     }
-    if (run / STATE_FILE).is_file() and not resume:
-        raise DataError(f"{run}: already holds a checkpoint; pass --resume to continue it or choose another --out.")
+    if (run / STATE_FILE).is_file() and not resume and not restart:
+        raise DataError(f"{run}: already holds a checkpoint; pass --resume to continue it, --restart "
+                        f"({restart_does(run)}), or choose another --out.")
     saved_state, log = None, []
     if resume and (run / STATE_FILE).is_file():
         saved, tensors, metadata = load_train_state(run)
         changed = [k for k in config if saved.get(k) != config[k]]
         if changed:
-            raise DataError(f"{run / STATE_FILE}: was trained with other settings ({', '.join(changed)}); "
-                            f"resume with the same flags or choose another --out.")
+            raise DataError(f"{run / STATE_FILE}: was trained with other settings ({', '.join(changed)}); resume "
+                            f"with the same flags, pass --restart in place of --resume ({restart_does(run)}), or "
+                            f"choose another --out.")
         saved_state, log = (tensors, metadata), json.loads(metadata.get("log", "[]"))
 
     torch.manual_seed(seed)
@@ -1344,24 +1488,34 @@ def command_train(args) -> int:
     cache_dir = args.cache_dir or default_cache_dir()
     if args.cache == "disk":
         data.check_output_folder(cache_dir, "--cache-dir")
+        data.remove_dead_temporaries(cache_dir, recursive=True)  # what killed runs left; live writers' stay
+    data.remove_dead_temporaries(args.out)  # the run folder's own files (old-N/ holds moved ones, never temporaries)
     samples = training_samples(args.data, args.aux)
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
     backbone = Backbone(args.model, args.pretrained, args.image_size, args.stages, device, precision)
     started = time.time()
     state_file = Path(args.out) / STATE_FILE
+    if args.restart and rank == 0 and (world == 1 or torch.distributed.is_initialized()):  # the process that trains
+        moved = move_run_aside(Path(args.out))
+        if moved is not None:
+            print(f"--restart: moved the previous run's files to {moved}; training from scratch.", flush=True)
     done_before = int(load_train_state(Path(args.out))[2]["epoch"]) if args.resume and state_file.is_file() else 0
+
+    caches = []
 
     def report(cache: TokenCache) -> None:
         if cache.mode == "disk":
-            print(f"token cache {cache.folder}: {cache.computed} computed, {cache.reused} reused", flush=True)
+            caches.append(cache)
+            print(f"token cache {cache.folder}: {cache.computed} computed, {cache.reused} reused, "
+                  f"{cache.unreadable} unreadable (computed again)", flush=True)
 
     extra = {"data": [str(Path(r).resolve()) for r in args.data], "aux": [str(Path(r).resolve()) for r in args.aux]}
     vlad = train(backbone, samples, args.out, args.epochs, args.batch_size, args.lr, args.seed, args.omega,
                  args.focal_gamma, args.focal_alpha, args.dice_beta, args.cache, args.extract_batch, args.resume,
                  rank, world, progress=not args.quiet, extra_config=extra, terms=args.loss, cache_dir=cache_dir,
                  report=report, evict=training_samples(args.evict_tokens, []) if args.evict_tokens else [],
-                 workers=args.workers)
+                 workers=args.workers, restart=args.restart)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     if vlad is None:
@@ -1372,6 +1526,9 @@ def command_train(args) -> int:
     if args.resume and done_before >= args.epochs:
         print(f"{args.out}: already trained for {args.epochs} epochs; nothing to do.")
         return 0
+    if caches and caches[0].evicted:
+        print(f"token cache {cache_dir}: {caches[0].evicted} entries deleted by another run's eviction during "
+              f"training were computed again", flush=True)
     log = data.read_jsonl(Path(args.out) / LOG_FILE)
     last = f", last loss {log[-1]['loss']:.4f}" if log else ""
     print(f"trained VLAD on {len(samples)} images for {args.epochs} epochs in {time.time() - started:.1f} s{last}; "
@@ -1405,6 +1562,7 @@ def plan_prediction(args) -> list[PredictionSet]:
 def command_predict(args) -> int:
     rank, world = data.resolve_shard(args.shard)
     data.check_output_folder(args.out)
+    data.remove_dead_temporaries(args.out, recursive=True)  # what killed runs left; live shards' files stay
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
     predictions = plan_prediction(args)
@@ -1498,7 +1656,11 @@ def main(argv=None) -> int:
                                    "them (a generated set no later run trains on); repeatable")
     train_parser.add_argument("--extract-batch", type=positive_int, default=8,
                               help="images per loading batch when the cache is filled (one worker decodes one batch)")
-    train_parser.add_argument("--resume", action="store_true", help="continue RUN from its last epoch")
+    start = train_parser.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true", help="continue RUN from its last epoch")
+    start.add_argument("--restart", action="store_true",
+                       help="move RUN's checkpoint files to RUN/old-N and train from scratch (e.g. after an "
+                            "unreadable train_state.safetensors)")
 
     predict_parser = commands.add_parser("predict", help="anomaly maps and scores of a benchmark's test split, or "
                                                          "of a folder of photos (--images)")
