@@ -57,12 +57,15 @@ SOFTMAX_SCALE = 100.0                       # Eq. 3: temperature of the token so
 GAUSSIAN_SIGMA = 0.5                        # Eq. 3: 3 x 3 Gaussian smoothing
 MIN_FOREGROUND, MAX_FOREGROUND = 0.01, 0.99  # outside this coverage the foreground mask falls back to all
 # Step 3's rule (ours: the paper says only "simple binary thresholding"; see foreground_mask)
-BORDER_PURITY = 0.7                         # under 70% of the border on one side: no background, a texture
-SPECK = 0.001                               # thresholded parts under 0.1% of the image are specks
-MINOR_PART = 0.1                            # parts under 10% of the largest are clutter (a tray's rim, glare)
-OBJECT_SHARE = 0.8                          # the object's parts hold >= 80% of their side, else it is scattered
-CLOSING = 0.02                              # closing radius / image side: seals chips and cracks at the rim
-BACKGROUND_HOLE = 0.01                      # a background-like hole >= 1% of the image stays (a nut's centre)
+ANALYSIS_PIXELS = 160 * 160                 # the rule runs at this resolution, whatever the photo's size or --size
+WINDOW = 1 / 16                             # appearance is compared between windows of 1/16 of the side
+STEP = np.array([0.5, 0.05, 0.05, 0.7])     # an edge: brightness x1.65 (log), chroma 0.05, fine texture x2 (log)
+NATURAL_STEP = 3                            # ... and 3 x the photo's median step (a speckled surface's own)
+SPECK = 0.002                               # parts under 0.2% of the image are specks
+MINOR_PART = 0.1                            # parts under 10% of the largest are clutter (glare, a reflection)
+STROKE, STROKE_SURVIVAL = 0.03, 0.4         # a part of which < 40% survives an erosion by 3% of the side: a stroke
+OPENING = 0.01                              # a background-like region >= 1% of the image stays open (a nut's centre)
+CLOSING = 0.02                              # closing radius / side: seals chips and cracks at the rim
 LOSS_SCALE = 2.0 ** 16                      # fp16 UNet: initial loss scale, AMP GradScaler's default
 PREVIEW_SAMPLES = 8                         # ours: rows (samples) shown in preview.png
 
@@ -110,19 +113,15 @@ def word_token_indices(tokenizer, prompt: str, word: str, max_length: int = 77) 
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Step 3: foreground mask ("simple binary thresholding")
+# Step 3: foreground mask ("simple binary thresholding", made right on real photos)
 
 
-def otsu_threshold(gray: np.ndarray) -> int:
-    """Otsu's threshold of a uint8 image: the t maximizing the between-class variance of {<= t} and {> t}."""
-    hist = np.bincount(gray.ravel(), minlength=256).astype(np.float64)
-    p = hist / hist.sum()
-    omega = np.cumsum(p)                        # weight of the class <= t
-    mu = np.cumsum(p * np.arange(256))          # first moment of the class <= t
-    with np.errstate(divide="ignore", invalid="ignore"):
-        between = (mu[-1] * omega - mu) ** 2 / (omega * (1.0 - omega))
-    between = np.nan_to_num(between, nan=-1.0, posinf=-1.0)
-    return int(np.argmax(between))
+def box_mean(values: np.ndarray, radius: int) -> np.ndarray:
+    """Mean over a (2r+1) x (2r+1) window of an (H, W, ...) array, edges replicated (an integral image)."""
+    n = 2 * radius + 1
+    padded = np.pad(values, [(radius + 1, radius), (radius + 1, radius)] + [(0, 0)] * (values.ndim - 2), mode="edge")
+    table = padded.cumsum(0).cumsum(1)
+    return (table[n:, n:] - table[:-n, n:] - table[n:, :-n] + table[:-n, :-n]) / n ** 2
 
 
 def dilate(mask: np.ndarray, radius: int, outside: bool = False) -> np.ndarray:
@@ -137,75 +136,151 @@ def dilate(mask: np.ndarray, radius: int, outside: bool = False) -> np.ndarray:
     return out
 
 
-def solid_region(parts: np.ndarray, gray: np.ndarray, background: np.ndarray) -> np.ndarray:
-    """An object's thresholded parts (H, W) bool -> the solid object (H, W) bool.
-
-    Closing seals cracks and chips that open onto the rim; then every hole is filled (chocolate chips, cracks,
-    dark print: exactly where an anomaly may appear), except a large one that looks like the background
-    (`background`: the border's background pixels), which is a real opening, like a metal nut's centre."""
-    H, W = parts.shape
-    radius = max(1, round(CLOSING * max(H, W)))
-    closed = ~dilate(~dilate(parts, radius), radius, outside=True)              # closing: dilate, then erode
-    holes, n = data.label_regions(~closed)                                      # 0 = object, 1..n = not object
-    size = np.bincount(holes.ravel(), minlength=n + 1)
-    mean = np.bincount(holes.ravel(), weights=gray.ravel(), minlength=n + 1) / np.maximum(size, 1)
-    outer = np.zeros(n + 1, bool)
-    outer[holes[0]] = outer[holes[-1]] = outer[holes[:, 0]] = outer[holes[:, -1]] = True   # open to the border
-    levels = gray[background].astype(np.float64)
-    looks_like_background = np.abs(mean - levels.mean()) <= 2 * levels.std() + 1
-    stays = outer | ((size >= BACKGROUND_HOLE * H * W) & looks_like_background)
-    stays[0] = False
-    return ~stays[holes]
+def erode(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Binary erosion by a (2r+1)^2 square; the frame erodes nothing (a part cut by it continues beyond)."""
+    return ~dilate(~mask, radius)
 
 
-def foreground_mask(image: np.ndarray) -> tuple[np.ndarray, dict]:
-    """Step 3: the foreground of an (H, W, 3) uint8 image -> ((H, W) float32 0/1, info).
+def analysis_image(image: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 -> (h, w, 3) float64 of about ANALYSIS_PIXELS pixels at the photo's aspect ratio."""
+    H, W = image.shape[:2]
+    scale = math.sqrt(ANALYSIS_PIXELS / (H * W))
+    size = (max(8, round(W * scale)), max(8, round(H * scale)))
+    return np.asarray(Image.fromarray(image[..., :3]).resize(size, Image.BOX), dtype=np.float64)
 
-    Otsu's threshold splits the gray image in two; the side that covers most of the border is background.
-    - If under 70% of the border is background, there is no background: a texture or full-frame surface
-      (carpet, wood, asphalt; Otsu only cuts them into random halves) -> the whole image.
-    - The other side's parts (8-connected regions) are kept if they are no speck (>= 0.1% of the image) and
-      no clutter (>= 10% of the largest part). If they hold under 80% of that side's pixels, the pattern is
-      scattered (speckled tile) -> the whole image; if there are several and one touches the border, it is a
-      printed pattern cut by the frame (a circuit board's traces) -> the whole image.
-    - Else they are the object, made solid (`solid_region`): holes filled, a large background-like opening kept.
-    An object covering under 1% or over 99% of the image falls back to the whole image, with a warning.
+
+def appearance(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """(h, w, 3) -> colour (h, w, 3): log brightness and two chroma, which shading leaves unchanged; regional
+    (h, w, 4): their means over a window of WINDOW x the side, and its fine texture (log RMS of the brightness
+    minus its 3 x 3 mean, which shading leaves unchanged too); and the window's radius."""
+    gray = rgb @ [0.299, 0.587, 0.114]
+    total = rgb.sum(axis=-1) + 48.0                                   # + 48: dark pixels have no reliable hue
+    colour = np.stack([np.log(gray + 16.0), (rgb[..., 0] - rgb[..., 1]) / total,
+                       (rgb[..., 0] + rgb[..., 1] - 2 * rgb[..., 2]) / total], axis=-1)
+    radius = max(1, round(WINDOW * math.sqrt(gray.size) / 2))
+    detail = colour[..., 0] - box_mean(colour[..., 0], 1)
+    texture = np.log(np.sqrt(box_mean(detail ** 2, radius).clip(0)) + 0.003)
+    return colour, np.concatenate([box_mean(colour, radius), texture[..., None]], axis=-1), radius
+
+
+def window_steps(regional: np.ndarray, radius: int) -> np.ndarray:
+    """|difference| of each regional feature between the two windows beside a pixel, the larger of the
+    horizontal and vertical pair: (h, w, C) -> (h, w, C). An edge steps; a gradient of light barely does."""
+    h, w = regional.shape[:2]
+    padded = np.pad(regional, [(radius, radius), (radius, radius), (0, 0)], mode="edge")
+    across = np.abs(padded[radius:radius + h, 2 * radius:] - padded[radius:radius + h, :w])
+    down = np.abs(padded[2 * radius:, radius:radius + w] - padded[:h, radius:radius + w])
+    return np.maximum(across, down)
+
+
+def local_mean(values: np.ndarray, where: np.ndarray, radius: int) -> np.ndarray:
+    """Mean of values (h, w, C) over the `where` pixels near each pixel (the whole `where` set where none is
+    within radius): the local background under uneven light."""
+    weight = box_mean(where.astype(np.float64), radius)[..., None]
+    near = box_mean(values * where[..., None], radius) / np.maximum(weight, 1e-12)
+    return np.where(weight > 0, near, values[where].mean(axis=0))
+
+
+def region_means(labels: np.ndarray, n: int, values: np.ndarray) -> np.ndarray:
+    """Mean of values (h, w, C) over each of the regions 0..n of `labels`: (n + 1, C)."""
+    count = np.maximum(np.bincount(labels.ravel(), minlength=n + 1), 1)
+    return np.stack([np.bincount(labels.ravel(), weights=values[..., c].ravel(), minlength=n + 1) / count
+                     for c in range(values.shape[-1])], axis=-1)
+
+
+def foreground_mask(image: np.ndarray, size: tuple[int, int] | None = None) -> tuple[np.ndarray, dict]:
+    """Step 3: the foreground of an (H, W, 3) uint8 photo -> ((h, w) float32 0/1 at size = (w, h), default
+    (W, H); info).
+
+    The background is a region that touches the frame, is uniform in colour and fine texture, and differs from
+    the rest; the rest is the object, or objects, cut by the frame or not, made solid. Shading alone is no
+    background: a surface under uneven light gets the whole image. Computed at a fixed analysis resolution:
+    1. Edges: a step in brightness, chroma or fine texture between neighbouring windows, larger than STEP and
+       than the photo's own surface shows (NATURAL_STEP x its median step). Light changes slowly: no edge.
+    2. Background: the uniform regions between edges that touch the frame with the chroma and fine texture of
+       the one holding most of the frame (brighter or darker: shade). None -> the whole image.
+    3. Outline: a pixel closer in colour to the local background than to the object's inside joins the
+       background; a region of 1% or more cut off from it that looks like it is an opening (a nut's centre).
+    4. Objects: the parts that are no speck, no clutter (under 10% of the largest) and differ from the local
+       background. None -> the whole image (a texture, a surface in shade). If most of them are strokes cut by
+       the frame (traces of a circuit board), the photo is a pattern -> the whole image; other strokes cut by
+       the frame (a tray's rim) are dropped.
+    5. Solid: a closing seals chips and cracks at the rim and every hole is filled (dark details inside an
+       object are where anomalies appear), but the background and openings.
+    A mask covering under 1% or over 99% falls back to the whole image, with a warning.
     info: {"rule": which case fired, "coverage": fraction of the image, "warning": str or None}.
     """
-    gray = (image[..., :3].astype(np.float64) @ [0.299, 0.587, 0.114]).round().clip(0, 255).astype(np.uint8)
-    H, W = gray.shape
-    border = np.zeros((H, W), bool)
-    border[0] = border[-1] = border[:, 0] = border[:, -1] = True
-    above = gray > otsu_threshold(gray)                                          # (H, W) bool
-    side = ~above if above[border].mean() > 0.5 else above                       # the non-background side
+    rgb = analysis_image(image)
+    colour, regional, r = appearance(rgb)
+    h, w = colour.shape[:2]
+    frame = np.zeros((h, w), bool)
+    frame[0] = frame[-1] = frame[:, 0] = frame[:, -1] = True
+    W, H = size or (image.shape[1], image.shape[0])
 
-    def result(mask: np.ndarray, rule: str, warning: str | None = None):
-        return mask.astype(np.float32), {"rule": rule, "coverage": round(float(mask.mean()), 4), "warning": warning}
+    def result(mask: np.ndarray | None, rule: str):
+        full = np.ones((H, W), bool) if mask is None else \
+            np.asarray(Image.fromarray(mask.astype(np.float32)).resize((W, H), Image.BILINEAR)) > 0.5
+        warning = None
+        if mask is not None and not MIN_FOREGROUND <= full.mean() <= MAX_FOREGROUND:
+            warning = f"foreground mask covers {full.mean():.1%} of the image, outside [1%, 99%]; using the whole image"
+            full, rule = np.ones((H, W), bool), "whole image: object too small or too large"
+        return full.astype(np.float32), {"rule": rule, "coverage": round(float(full.mean()), 4), "warning": warning}
 
-    whole = np.ones((H, W), bool)
-    if 1.0 - side[border].mean() < BORDER_PURITY:
-        return result(whole, "texture: no background at the border")
-    labels, n = data.label_regions(side)
-    size = np.bincount(labels.ravel(), minlength=n + 1)
+    # 1. Edges
+    steps = window_steps(regional, r)
+    tolerance = np.maximum(STEP, NATURAL_STEP * np.median(steps.reshape(-1, 4), axis=0))
+    regions, n = data.label_regions((steps <= tolerance).all(axis=-1))
+    # 2. Background
+    at_frame = np.bincount(regions[frame], minlength=n + 1)
+    at_frame[0] = 0
+    if not at_frame.any():
+        return result(None, "surface: no uniform region at the frame")
+    looks = region_means(regions, n, regional)
+    shade_of_main = (np.abs(looks - looks[at_frame.argmax()])[:, 1:] < tolerance[1:]).all(axis=1)
+    uniform = (shade_of_main & (at_frame > 0))[regions]
+    if uniform.all():
+        return result(None, "surface: nothing differs from the background")
+    # 3. Outline and openings
+    inside = ~uniform & ~dilate(uniform, 2 * r)
+    to_background = (np.abs(colour - local_mean(colour, uniform, 6 * r)) / STEP[:3]).max(axis=-1)   # (h, w)
+    to_object = (np.abs(colour - local_mean(colour, inside if inside.any() else ~uniform, 6 * r)) / STEP[:3]).max(axis=-1)
+    grown, k = data.label_regions(uniform | (to_background < to_object))
+    alike = region_means(grown, k, (to_background < 0.5)[..., None].astype(np.float64))[:, 0]
+    size = np.bincount(grown.ravel(), minlength=k + 1)
+    background_ids = (size >= OPENING * h * w) & (alike > 0.5)
+    background_ids[grown[uniform]] = True
+    background_ids[0] = False
+    background = background_ids[grown]
+    # 4. Objects
+    parts, m = data.label_regions(~background)
+    size = np.bincount(parts.ravel(), minlength=m + 1)
     size[0] = 0
-    kept = (size >= SPECK * H * W) & (size >= MINOR_PART * size.max())         # (n + 1,) the object's parts
-    touching = np.zeros(n + 1, bool)
-    touching[labels[border]] = True
-    if kept.any() and size[kept].sum() < OBJECT_SHARE * size.sum():
-        return result(whole, "texture: scattered parts")
-    if kept.sum() > 1 and (kept & touching).any():
-        return result(whole, "texture: a pattern cut by the border")
-    solid = solid_region(kept[labels], gray, border & ~side) if kept.any() else np.zeros((H, W), bool)
-    coverage = float(solid.mean())
-    if not MIN_FOREGROUND <= coverage <= MAX_FOREGROUND:
-        return result(whole, "whole image: object too small or too large",
-                      f"foreground mask covers {coverage:.1%} of the image, outside [1%, 99%]; using the whole image")
-    return result(solid, "object")
+    gap = np.abs(regional - local_mean(regional, uniform, 6 * r)) / tolerance    # (h, w, 4) from the background
+    differs = region_means(parts, m, gap).max(axis=1) >= 1
+    kept = (size >= SPECK * h * w) & (size >= MINOR_PART * size.max()) & differs
+    kept[0] = False
+    if not kept.any():
+        return result(None, "surface: nothing differs from the background")
+    cut_by_frame = np.zeros(m + 1, bool)
+    cut_by_frame[parts[frame]] = True
+    survival = region_means(parts, m, erode(parts > 0, max(1, round(STROKE * math.sqrt(h * w))))[..., None])[:, 0]
+    strokes = kept & cut_by_frame & (survival < STROKE_SURVIVAL)
+    if size[strokes].sum() > 0.5 * size[kept].sum():
+        return result(None, "surface: a pattern cut by the frame")
+    kept &= ~strokes
+    # 5. Solid
+    radius = max(1, round(CLOSING * max(h, w)))
+    closed = erode(dilate(kept[parts], radius), radius)
+    holes, n_holes = data.label_regions(~closed)
+    stays_open = np.zeros(n_holes + 1, bool)
+    stays_open[holes[background & ~closed]] = True
+    stays_open[0] = False
+    return result(~stays_open[holes], "object")
 
 
-def downsample_mask(mask: torch.Tensor, size: int) -> torch.Tensor:
-    """(H, W) 0/1 -> (size, size) 0/1: area average, then > 0.5."""
-    area = F.interpolate(mask[None, None].float(), size=(size, size), mode="area")
+def downsample_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(H, W) 0/1 -> (h, w) 0/1: area average, then > 0.5."""
+    area = F.interpolate(mask[None, None].float(), size=tuple(size), mode="area")
     return (area[0, 0] > 0.5).float()
 
 
