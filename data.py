@@ -22,9 +22,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import errno
+import fcntl
+import io
 import json
 import os
 import random
+import re
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -98,14 +103,23 @@ def load_mask(path, size: tuple[int, int] | None = None, binarize: bool = True) 
     return values.astype(np.float32) / 255.0
 
 
-def list_images(folder) -> list[Path]:
-    """The image files of one folder (not recursive), sorted by name. Hidden files are skipped: among them the
-    temporary file of an interrupted atomic write (.NAME.XXXX.tmp.png), which is not an image of the dataset."""
+def list_folders(folder) -> list[Path]:
+    """The sub-folders of one folder, sorted by name; hidden ones (.ipynb_checkpoints, .git) are skipped."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def list_images(folder, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> list[Path]:
+    """The image files of one folder (not recursive), sorted by name: the one listing every reader of dataset
+    and prediction folders uses. Hidden files are skipped: among them the temporary file of an interrupted
+    atomic write (.NAME.XXXXXXXX.tmp.png), which is not an image of the dataset."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
     return sorted(p for p in folder.iterdir()
-                  if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+                  if p.is_file() and p.suffix.lower() in extensions and not p.name.startswith("."))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -143,26 +157,111 @@ def current_umask() -> int:
     return _UMASK_AT_IMPORT if umask is None else umask
 
 
+TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp(\.[^.]*)?$")  # .NAME.XXXXXXXX.tmp.SUFFIX: atomic_path's
+_SWEPT: set[str] = set()  # folders whose dead temporaries this process has removed (once per folder)
+
+
+def is_temporary(path) -> bool:
+    """True for the temporary file of an atomic write (finished or dead), which is never part of a dataset."""
+    return bool(TEMPORARY.match(Path(path).name))
+
+
+def disk_full_error(folder, error: BaseException, needed: int | None = None) -> DataError | None:
+    """The one sentence for a full disk (or quota), or None when `error` is something else. safetensors and
+    others wrap the OS error in their own type, so the message is checked too."""
+    if not (isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)) \
+            and "No space left on device" not in str(error):
+        return None
+    try:
+        free = f", {shutil.disk_usage(folder).free:,} bytes free"
+    except OSError:
+        free = ""
+    need = f"{needed:,} bytes needed" if needed is not None else "more space needed"
+    return DataError(f"{folder}: the disk is full ({need}{free}); free some space and run the same command "
+                     f"again: finished files are kept and nothing half-written was left.")
+
+
+def _make_folder(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise disk_full_error(folder, error) or error
+
+
+def remove_dead_temporaries(folder, recursive: bool = False) -> int:
+    """Remove the temporaries that dead writers (a kill -9, a crash, a power cut) left in `folder`; returns how
+    many. A live writer holds an exclusive flock on its temporary until the rename, and the kernel drops it when
+    the writer dies: a temporary this process can lock belongs to nobody. A folder that cannot be written is
+    left as it is."""
+    folder = Path(folder)
+    walk = os.walk(folder) if recursive else [(folder, [], os.listdir(folder) if folder.is_dir() else [])]
+    removed = 0
+    for parent, _, names in walk:
+        for name in names:
+            path = Path(parent) / name
+            if not TEMPORARY.match(name):
+                continue
+            try:
+                handle = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            except OSError:
+                continue  # gone meanwhile (renamed by its writer), a link, or unreadable
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if os.fstat(handle).st_ino == os.stat(path).st_ino:
+                    os.unlink(path)
+                    removed += 1
+            except OSError:  # locked by a live writer, renamed meanwhile, or a read-only folder
+                pass
+            finally:
+                os.close(handle)
+    return removed
+
+
+def _locked_temporary(path: Path) -> tuple[int, Path]:
+    """A new temporary beside `path`, flock-ed by this process. A sweeper that removed it between its creation
+    and the lock (it looked dead for those microseconds) is noticed by the inode check, and we start again."""
+    while True:
+        handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + path.suffix)
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            if os.stat(name).st_ino == os.fstat(handle).st_ino:
+                return handle, Path(name)
+        except FileNotFoundError:
+            pass
+        os.close(handle)
+
+
 @contextlib.contextmanager
-def atomic_path(path):
+def atomic_path(path, size: int | None = None):
     """Yield a temporary path beside `path`; on success it replaces `path`, on any error it is removed.
 
+    The writer holds a lock on the temporary until the rename, so a later run can tell a dead writer's leftover
+    from a live one's file: the first write into a folder removes the dead ones (`remove_dead_temporaries`).
+    A full disk is a DataError naming the folder (`size`, when the caller knows it, is the bytes needed).
     The file gets the mode a plain open() would give a new file, 0666 & ~umask (mkstemp creates it 0600,
-    which would keep colleagues on a shared machine from reading a generated dataset)."""
+    which would keep colleagues on a shared machine from reading a generated dataset). Write into the yielded
+    path in place (open it, or save to it): a writer that renames its own file onto it would drop the lock."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + path.suffix)
-    os.close(handle)
-    temporary = Path(temporary)
+    _make_folder(path.parent)
+    if str(path.parent) not in _SWEPT:
+        remove_dead_temporaries(path.parent)
+        _SWEPT.add(str(path.parent))
+    try:
+        handle, temporary = _locked_temporary(path)
+    except OSError as error:
+        raise disk_full_error(path.parent, error, size) or error
     try:
         yield temporary
-        # After the writer, not before: some replace the file rather than write into it (safetensors writes
-        # its own 0600 temporary file and renames it onto ours).
         os.chmod(temporary, 0o666 & ~current_umask())
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         temporary.unlink(missing_ok=True)
+        full = disk_full_error(path.parent, error, size)
+        if full is not None:
+            raise full from None
         raise
+    finally:
+        os.close(handle)
 
 
 def check_output_folder(path, flag: str = "--out") -> None:
@@ -196,13 +295,27 @@ def check_output_file(path, flag: str) -> None:
     check_output_folder(path.parent, f"{flag} {path}: its folder")
 
 
+def save_bytes(blob: bytes, path) -> None:
+    """Write bytes atomically (e.g. `safetensors.torch.save(tensors, metadata)`: written here, in place, so the
+    writer's lock holds until the rename and a full disk names the bytes needed)."""
+    with atomic_path(path, size=len(blob)) as temporary:
+        temporary.write_bytes(blob)
+
+
+def _encoded(image: Image.Image, **options) -> bytes:
+    """The file's bytes, encoded in memory: PIL's encoders ignore a short write (a full disk), so an image saved
+    straight to a file can be cut short without an error; Python's own write raises."""
+    buffer = io.BytesIO()
+    image.save(buffer, **options)
+    return buffer.getvalue()
+
+
 def save_image(image, path) -> None:
     """Save a PIL image or a uint8 array ((H, W) or (H, W, 3)) atomically; the format follows the suffix."""
     if isinstance(image, np.ndarray):
         image = Image.fromarray(np.ascontiguousarray(image))
     fmt = Image.registered_extensions().get(Path(path).suffix.lower(), "PNG")
-    with atomic_path(path) as temporary:
-        image.save(temporary, format=fmt)
+    save_bytes(_encoded(image, format=fmt), path)
 
 
 def save_mask(mask: np.ndarray, path) -> None:
@@ -218,8 +331,7 @@ def save_tiff(array: np.ndarray, path) -> None:
     array = np.asarray(array, dtype=np.float32)
     if array.ndim != 2:
         raise ValueError(f"{path}: an anomaly map must be (H, W), got shape {array.shape}")
-    with atomic_path(path) as temporary:
-        Image.fromarray(np.ascontiguousarray(array), mode="F").save(temporary, format="TIFF")
+    save_bytes(_encoded(Image.fromarray(np.ascontiguousarray(array), mode="F"), format="TIFF"), path)
 
 
 def load_tiff(path) -> np.ndarray:
@@ -229,8 +341,7 @@ def load_tiff(path) -> np.ndarray:
 
 
 def save_text(text: str, path) -> None:
-    with atomic_path(path) as temporary:
-        temporary.write_text(text, encoding="utf-8")
+    save_bytes(text.encode("utf-8"), path)
 
 
 def save_json(obj, path) -> None:
@@ -249,8 +360,11 @@ def append_jsonl(obj, path) -> None:
         size = os.fstat(handle).st_size
         if size and os.pread(handle, 1, size - 1) != b"\n":
             line = b"\n" + line  # a torn last line (a kill mid-write) ends here, instead of eating this record
-        os.write(handle, line)
+        if os.write(handle, line) != len(line):  # only a full disk writes part of a small line
+            raise OSError(errno.ENOSPC, "No space left on device")
         os.fsync(handle)
+    except OSError as error:  # the torn line a full disk may leave is ignored by read_jsonl, like a kill's
+        raise disk_full_error(path.parent, error, len(line)) or error
     finally:
         os.close(handle)
 
@@ -262,7 +376,7 @@ def read_jsonl(path) -> list[dict]:
     if not path.is_file():
         return []
     records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_text(encoding="utf-8-sig").splitlines():
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:
@@ -289,7 +403,7 @@ def list_categories(root) -> list[str]:
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: no such dataset folder.")
-    return sorted(p.name for p in root.iterdir() if (p / "train").is_dir() or (p / "test").is_dir())
+    return [p.name for p in list_folders(root) if (p / "train").is_dir() or (p / "test").is_dir()]
 
 
 def mask_path(root, category: str, defect: str, stem: str) -> Path:
@@ -315,8 +429,7 @@ def read_split(root, category: str, split: str) -> list[Sample]:
         known = ", ".join(categories) or "none"
         raise DataError(f"{root}: unknown category {category!r} (categories found: {known}).")
     split_dir = root / category / split
-    defects = sorted((p.name for p in split_dir.iterdir() if p.is_dir()), key=lambda d: (d != "good", d)) \
-        if split_dir.is_dir() else []
+    defects = sorted((p.name for p in list_folders(split_dir)), key=lambda d: (d != "good", d))
     samples = []
     for defect in defects:
         for image in list_images(split_dir / defect):
@@ -468,37 +581,33 @@ def _plan_visa(source: Path, table: Path) -> tuple[list[_VisaJob], dict[str, dic
     return jobs, counts
 
 
+def _inside(root: Path, relative: str) -> bool:
+    """True when ROOT/relative is a file path strictly inside ROOT (no '..', not absolute)."""
+    parts = Path(relative).parts
+    return bool(parts) and not Path(relative).is_absolute() and ".." not in parts
+
+
 def _source_identity(path: Path) -> dict:
     """What a manifest line records of a VisA file: its resolved path, size and modification time."""
     stat = path.stat()
     return {"source": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
-def _remove_stale_outputs(target: Path, categories: set[str], wanted: set[str]) -> list[str]:
-    """Remove from TARGET/<category>/{train,test,ground_truth}/<defect>/ of the given categories every image, and
-    every temporary file of an interrupted write, that the conversion does not write now (a previous run's
-    output under another split, label or category; an image the csv no longer lists), then the folders this
-    empties. Returns the removed files, relative to TARGET."""
+def _remove_stale_outputs(target: Path, written_before: set[str], wanted: set[str]) -> list[str]:
+    """Remove what a previous conversion wrote (its manifest lists it) and this one does not write now (an image
+    the csv no longer lists, or lists under another split, label or category), then the folders this empties.
+    Nothing else is ever removed: a file of the user's own in TARGET stays. Returns the removed files, relative
+    to TARGET."""
     removed = []
-    for category in sorted(categories):
-        for part in ("train", "test", "ground_truth"):
-            base = target / category / part
-            if not base.is_dir():
-                continue
-            for folder in sorted(p for p in base.iterdir() if p.is_dir()):
-                for file in sorted(folder.iterdir()):
-                    relative = file.relative_to(target).as_posix()
-                    interrupted = file.name.startswith(".") and ".tmp" in file.name  # atomic_path's temporary
-                    ours = file.suffix.lower() in IMAGE_EXTENSIONS or interrupted
-                    if file.is_file() and ours and relative not in wanted:
-                        file.unlink()
-                        removed.append(relative)
-                if not any(folder.iterdir()):
-                    folder.rmdir()
-            if not any(base.iterdir()):
-                base.rmdir()
-        if (target / category).is_dir() and not any((target / category).iterdir()):
-            (target / category).rmdir()
+    for relative in sorted(written_before - wanted):
+        file = target / relative
+        if file.is_file():
+            file.unlink()
+            removed.append(relative)
+            for folder in file.parents:  # train/good, train, the category: up to TARGET itself
+                if folder == target or any(folder.iterdir()):
+                    break
+                folder.rmdir()
     return removed
 
 
@@ -510,8 +619,10 @@ def visa_to_mvtec(source, target, progress: bool = True) -> dict:
     The whole csv is checked first (fields, labels, splits, that every image and every anomalous row's mask
     exists, that no two rows write one file), so a bad row writes nothing. A re-run converges to what a fresh
     conversion of the current csv gives: a file is kept only when TARGET/visa_to_mvtec.jsonl says it was made
-    from the same VisA file (path, size, mtime), the rest is rewritten, and images a previous run left that the
-    csv no longer lists (under another split, label or category) are removed.
+    from the same VisA file (path, size, mtime), the rest is rewritten, and files a previous conversion wrote
+    that the csv no longer lists (under another split, label or category) are removed. Only those: the manifest
+    says what the conversion wrote, a TARGET that holds files without one is refused, and a file of the user's
+    own added later is never touched.
 
     Returns {"counts": per category {split/defect: images}, "written": files, "kept": files, "removed": files}.
     """
@@ -520,13 +631,19 @@ def visa_to_mvtec(source, target, progress: bool = True) -> dict:
     if not table.is_file():
         raise DataError(f"{table}: not found; SRC must be the VisA root that holds {VISA_TABLE}.")
     check_output_folder(target, "DST")
+    manifest = target / VISA_MANIFEST
+    if target.is_dir() and not manifest.is_file() and any(p.is_file() for p in target.rglob("*")):
+        raise DataError(f"DST {target}: holds files that visa-to-mvtec did not write (no {VISA_MANIFEST}); "
+                        f"convert into a new or empty folder.")
     jobs, counts = _plan_visa(source, table)
 
-    manifest = target / VISA_MANIFEST
     done = {record.get("target"): record for record in read_jsonl(manifest) if isinstance(record, dict)}
-    earlier = {t.split("/")[0] for t in done if isinstance(t, str) and "/" in t}  # categories a run wrote
-    categories = set(counts) | {c for c in earlier if c not in ("", ".", "..") and "\\" not in c}
-    removed = _remove_stale_outputs(target, categories, {job.target for job in jobs})
+    ours = {t for t in done if isinstance(t, str) and _inside(target, t)}  # a manifest is data: trust no path
+    removed = _remove_stale_outputs(target, ours, {job.target for job in jobs})
+    if not manifest.is_file():
+        save_text("", manifest)  # before the first image: an interrupted first conversion is still ours
+    elif target.is_dir():
+        remove_dead_temporaries(target, recursive=True)  # an interrupted run's half-written files
     try:
         from tqdm import tqdm
         jobs_iter = tqdm(jobs, desc="visa-to-mvtec", unit="file", disable=None if progress else True)

@@ -279,7 +279,7 @@ def read_scores_csv(path: Path) -> dict[str, float]:
     if not path.is_file():
         raise data.DataError(f"{path}: missing; the image scores of a category go in scores.csv (path,score).")
     scores: dict[str, float] = {}
-    with path.open(newline="", encoding="utf-8") as handle:
+    with path.open(newline="", encoding="utf-8-sig") as handle:  # a spreadsheet's byte-order mark is no header
         reader = csv.reader(handle)
         header = next(reader, None)
         if header is None or [h.strip() for h in header] != ["path", "score"]:
@@ -316,7 +316,8 @@ def load_category(pred_root: Path, gt_root: Path, category: str):
     if len(expected) < len(samples):
         raise data.DataError(f"{gt_root / category / 'test'}: two test images of one defect share a file name "
                              f"stem, so their predictions would share one .tiff; rename one.")
-    found = {p.relative_to(pred_dir).as_posix() for p in pred_dir.glob("test/*/*.tiff")}
+    found = {p.relative_to(pred_dir).as_posix() for defect in data.list_folders(pred_dir / "test")
+             for p in data.list_images(defect, (".tiff",))}  # never an interrupted write's hidden temporary
     extra = sorted(found - expected.keys())
     if extra:
         raise data.DataError(f"{pred_dir / extra[0]}: prediction without a ground-truth image in "
@@ -374,7 +375,7 @@ def prediction_categories(pred_root: Path) -> list[str]:
     """The categories of a prediction tree: sub-folders holding scores.csv or test/."""
     if not pred_root.is_dir():
         raise data.DataError(f"{pred_root}: no such prediction folder.")
-    return sorted(p.name for p in pred_root.iterdir() if (p / SCORES_CSV).is_file() or (p / "test").is_dir())
+    return [p.name for p in data.list_folders(pred_root) if (p / SCORES_CSV).is_file() or (p / "test").is_dir()]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -561,7 +562,7 @@ def summary_footer(summary: dict, paths: list, runs: list[dict]) -> str:
 def load_run(path: Path) -> dict:
     """A JSON file written by --json, checked enough that --summarize fails with a message, not a traceback."""
     try:
-        run = json.loads(Path(path).read_text(encoding="utf-8"))
+        run = json.loads(Path(path).read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
         raise data.DataError(f"{path}: no such file.") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:

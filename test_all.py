@@ -14,6 +14,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import csv
+import errno
 import gzip
 import io
 import json
@@ -216,6 +217,98 @@ def test_reader_skips_the_temporary_file_of_a_killed_write(tmp_path):
         ("broken", "000.png"), ("broken", "001.png"), ("crack", "000.png")]
 
 
+WRITER = """
+import os, sys, time
+sys.path.insert(0, {here!r})
+import data
+with data.atomic_path({target!r}) as temporary:
+    temporary.write_bytes(b"half a file")
+    print(temporary, flush=True)
+    {then}
+"""
+
+
+def start_writer(target, then):
+    """A process midway through an atomic write of `target`; its first output line is the temporary's path."""
+    code = WRITER.format(here=str(HERE), target=str(target), then=then)
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stdin=subprocess.PIPE,
+                               text=True)
+    return process, Path(process.stdout.readline().strip())
+
+
+def test_a_dead_writers_temporary_is_removed_by_the_next_write_and_a_live_writers_is_not(tmp_path):
+    live, live_temporary = start_writer(tmp_path / "b.png", "sys.stdin.readline()")  # waits mid-write
+    dead, dead_temporary = start_writer(tmp_path / "a.png", "os.kill(os.getpid(), 9)")
+    dead.wait(timeout=60)
+    assert dead.returncode == -9 and dead_temporary.is_file() and live_temporary.is_file()
+    assert data.is_temporary(dead_temporary) and data.is_temporary(live_temporary)
+    data.save_text("x", tmp_path / "c.txt")  # the first write into the folder sweeps it
+    assert not dead_temporary.exists()
+    assert live_temporary.is_file()  # its writer holds the lock: a concurrent run's file is never touched
+    live.communicate("go\n", timeout=60)
+    assert live.returncode == 0 and (tmp_path / "b.png").read_bytes() == b"half a file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.png", "c.txt"]
+    # the sweep of a whole tree, as a CLI does at start over its output folder
+    deeper = tmp_path / "x" / "y"
+    dead, dead_temporary = start_writer(deeper / "d.tiff", "os.kill(os.getpid(), 9)")
+    dead.wait(timeout=60)
+    assert data.remove_dead_temporaries(tmp_path, recursive=True) == 1 and not dead_temporary.exists()
+
+
+def test_a_full_disk_is_one_sentence_naming_the_folder_and_leaves_nothing(tmp_path, monkeypatch):
+    data.save_bytes(b"old", tmp_path / "entry.bin")
+    real_write = Path.write_bytes
+
+    def write_half_then_fail(self, blob):
+        real_write(self, blob[:len(blob) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", write_half_then_fail)
+    with pytest.raises(data.DataError) as error:
+        data.save_bytes(b"x" * 5000, tmp_path / "entry.bin")
+    message = str(error.value)
+    assert message.startswith(f"{tmp_path}: the disk is full (5,000 bytes needed") and message.count(". ") == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["entry.bin"] and (tmp_path / "entry.bin").read_bytes() == b"old"
+    assert data.disk_full_error(tmp_path, ValueError("Error while serializing: No space left on device")) is not None
+    assert data.disk_full_error(tmp_path, OSError(errno.EACCES, "Permission denied")) is None
+
+
+def small_disk_command(folder: Path, kilobytes: int, *command, fill: bool = False) -> list[str]:
+    """`command` run with `folder` on a tmpfs of that size, in a private mount namespace (no root needed where
+    user namespaces are allowed); `fill` first fills it with a file named filler. Afterwards every file left in
+    the folder is listed, one per line."""
+    filler = 'dd if=/dev/zero of="$0/filler" bs=1k 2>/dev/null; ' if fill else ""
+    script = (f'mount -t tmpfs -o size={kilobytes}k none "$0" || exit 99; {filler}"$@"; rc=$?; '
+              f'find "$0" -type f | sort; exit $rc')
+    return ["unshare", "-rm", "sh", "-c", script, str(folder), *map(str, command)]
+
+
+def run_on_a_small_disk(folder: Path, kilobytes: int, *args, fill: bool = False):
+    """Run `python ARGS` (a toolkit CLI or -c code) with `folder` on a tiny tmpfs; see small_disk_command."""
+    folder.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(small_disk_command(folder, kilobytes, sys.executable, *args, fill=fill), cwd=HERE,
+                            capture_output=True, text=True, timeout=600,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1"))
+    if result.returncode == 99:
+        pytest.skip("this machine cannot mount a small tmpfs in a user namespace (unshare -rm)")
+    return result
+
+
+@pytest.mark.parametrize("write", ["data.save_bytes(b'x' * 200_000, disk + '/big.bin')",
+                                   "data.save_image(noise, disk + '/big.png')",  # PIL ignores a short write
+                                   "data.save_tiff(noise[..., 0] / 255, disk + '/big.tiff')"])
+def test_a_real_full_disk_is_one_sentence_and_leaves_no_file(tmp_path, write):
+    code = ("import sys; sys.path.insert(0, '.'); import data, numpy\ndisk = sys.argv[1]\n"
+            "noise = numpy.random.default_rng(0).integers(0, 256, (160, 160, 3), dtype=numpy.uint8)\n"
+            f"try:\n    {write}\n"
+            "except data.DataError as error:\n    print(error, file=sys.stderr); sys.exit(2)")
+    result = run_on_a_small_disk(tmp_path / "disk", 64, "-c", code, tmp_path / "disk")
+    assert result.returncode == 2, result.stderr
+    assert re.match(rf"{re.escape(str(tmp_path / 'disk'))}: the disk is full \([\d,]+ bytes needed, 0 bytes free\)",
+                    result.stderr), result.stderr
+    assert result.stdout == ""  # no file at all is left on the full disk: neither a temporary nor a cut-short one
+
+
 def test_jsonl_reader_ignores_torn_last_line(tmp_path):
     data.append_jsonl({"i": 0}, tmp_path / "m.jsonl")
     data.append_jsonl({"i": 1}, tmp_path / "m.jsonl")
@@ -353,19 +446,50 @@ def test_visa_reconversion_after_a_corrected_csv_equals_a_fresh_conversion(tmp_p
     target = tmp_path / "mvtec"
     assert data.main(["visa-to-mvtec", str(source), str(target)]) == 0
     assert (target / "candle/train/good/0002.png").is_file() and (target / "pcb/train/good/0000.png").is_file()
-    (target / "candle/test/bad/.001.png.k2x9.tmp.png").write_bytes(b"half an image")  # a killed write
+    (target / "candle/test/bad/.001.png.k2x9_AB7.tmp.png").write_bytes(b"half an image")  # a killed write
+    (target / "candle/train/good/my_extra_photo.png").write_bytes(b"the user's own")
     capsys.readouterr()
 
     data_save_visa_rows(source, correct)
     assert data.main(["visa-to-mvtec", str(source), str(target)]) == 0
     out = capsys.readouterr().out
     assert data.main(["visa-to-mvtec", str(source), str(tmp_path / "fresh")]) == 0
+    assert (target / "candle/train/good/my_extra_photo.png").read_bytes() == b"the user's own"  # never removed
+    (target / "candle/train/good/my_extra_photo.png").unlink()
     assert data_tree_files(target) == data_tree_files(tmp_path / "fresh")  # masks, images, manifest: all equal
-    assert "3 removed that the csv no longer lists" in out
+    assert "2 removed that the csv no longer lists" in out  # what the first run wrote; the dead temporary too
     assert [row["category"] for row in data.describe(target)] == ["candle", "pcb1"]
     capsys.readouterr()
     assert data.main(["visa-to-mvtec", str(source), str(target)]) == 0  # a third run has nothing to do
     assert "0 files written, 14 kept from a previous run" in capsys.readouterr().out
+
+
+def test_visa_conversion_refuses_a_folder_of_other_files_and_keeps_them(tmp_path, capsys):
+    source, target = tmp_path / "visa", tmp_path / "mine"
+    data_write_visa_tree(source)
+    (target / "candle/train/good").mkdir(parents=True)
+    (target / "candle/train/good/my_photo.png").write_bytes(b"mine")
+    assert data.main(["visa-to-mvtec", str(source), str(target)]) == 2
+    error = capsys.readouterr().err
+    assert error == (f"error: DST {target}: holds files that visa-to-mvtec did not write (no visa_to_mvtec.jsonl); "
+                     f"convert into a new or empty folder.\n")
+    assert data_tree_files(target) == {"candle/train/good/my_photo.png": b"mine"}
+    (target / "candle/train/good/my_photo.png").unlink()
+    assert data.main(["visa-to-mvtec", str(source), str(target)]) == 0  # empty folders are fine
+
+
+def test_visa_conversion_resumes_an_interrupted_first_run_into_its_own_folder(tmp_path):
+    source, target = tmp_path / "visa", tmp_path / "mvtec"
+    data_write_visa_tree(source)
+    code = ("import sys, data\nreal = data.save_image\ncalls = []\n"
+            "def dying(image, path):\n    calls.append(path)\n    real(image, path)\n"
+            "    if len(calls) == 3: import os; os.kill(os.getpid(), 9)\n"
+            "data.save_image = dying\ndata.main(['visa-to-mvtec', sys.argv[1], sys.argv[2]])")
+    killed = subprocess.run([sys.executable, "-c", code, source, target], cwd=HERE, capture_output=True)
+    assert killed.returncode == -9 and len([p for p in target.rglob("*.png")]) == 3
+    assert run_cli("data.py", "visa-to-mvtec", source, target).returncode == 0  # its manifest says it is ours
+    assert run_cli("data.py", "visa-to-mvtec", source, tmp_path / "fresh").returncode == 0
+    assert data_tree_files(target) == data_tree_files(tmp_path / "fresh")
 
 
 def test_visa_conversion_refuses_a_target_it_cannot_write_before_converting(tmp_path, capsys):
@@ -761,6 +885,35 @@ def test_cli_prints_the_table_and_writes_json_equal_to_the_functions(tmp_path):
     assert written["info"]["widget"] == {"images": 8, "anomalous": 5, "map_size": [16, 16], "map_sizes": [[16, 16]],
                                          "masks_resized": 0, "first_mask_resized": None}
     assert "resized" not in result.stdout
+
+
+def test_cli_skips_an_interrupted_writes_temporaries_and_hidden_folders_and_reads_a_bom_csv(tmp_path):
+    gt, pred, expected = metrics_write_trees(tmp_path, categories=("widget",))
+    crack = pred / "widget/test/crack"
+    (crack / ".000.tiff.k2x9ab_z.tmp.tiff").write_bytes((crack / "000.tiff").read_bytes()[:100])  # kill -9
+    for root in (pred, gt):  # a notebook's or a file manager's hidden folders
+        (root / "widget/test/.ipynb_checkpoints").mkdir()
+        (root / ".Trash-1000/test").mkdir(parents=True)
+    scores = pred / "widget/scores.csv"
+    scores.write_bytes(b"\xef\xbb\xbf" + scores.read_bytes().replace(b"\n", b"\r\n"))  # saved by a spreadsheet
+    result = run_cli("metrics.py", "--pred", pred, "--gt", gt, "--json", tmp_path / "run.json")
+    assert result.returncode == 0, result.stderr
+    written = json.loads((tmp_path / "run.json").read_text())
+    assert list(written["categories"]) == ["widget"]
+    for m in metrics.METRICS:
+        assert written["categories"]["widget"][m] == pytest.approx(expected["widget"][m], abs=1e-12)
+
+
+def test_cli_json_on_a_full_disk_is_one_sentence_and_leaves_nothing(tmp_path):
+    gt, pred, _ = metrics_write_trees(tmp_path, categories=("widget",))
+    disk = tmp_path / "disk"
+    result = run_on_a_small_disk(disk, 16, "metrics.py", "--pred", pred, "--gt", gt, "--json", disk / "run.json",
+                                 fill=True)
+    assert result.returncode == 2, result.stderr
+    error = result.stderr.strip().splitlines()
+    assert len(error) == 1 and re.match(rf"error: {re.escape(str(disk))}: the disk is full \([\d,]+ bytes needed, "
+                                        rf"0 bytes free\)", error[0]), error
+    assert result.stdout.splitlines() == [str(disk / "filler")]  # no json, no temporary
 
 
 def test_cli_resizes_masks_to_the_map_size_and_says_so(tmp_path):

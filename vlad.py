@@ -32,7 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import load_file, save_file
+import safetensors.torch
+from safetensors.torch import load_file
 from safetensors import safe_open
 from tqdm import tqdm
 
@@ -508,8 +509,7 @@ class TokenCache:
         for row, index in enumerate(indices):
             entry = {name: value[row].contiguous() for name, value in entries.items()}
             if self.mode == "disk":
-                with data.atomic_path(self._file(index)) as temporary:
-                    save_file(entry, str(temporary))
+                data.save_bytes(safetensors.torch.save(entry), self._file(index))
             elif self.mode == "memory":
                 self.memory[index] = entry
             rows.append(entry)
@@ -615,8 +615,7 @@ def write_derived_files(run: Path, adapters: dict[str, torch.Tensor], config: di
     except Exception:  # missing or unreadable: write it
         current = False
     if not current:
-        with data.atomic_path(adapters_file) as temporary:
-            save_file(adapters, str(temporary), metadata=metadata)
+        data.save_bytes(safetensors.torch.save(adapters, metadata=metadata), adapters_file)
     for text, path in ((json.dumps(config, indent=2, sort_keys=True) + "\n", run / CONFIG_FILE),
                        ("".join(json.dumps(record) + "\n" for record in log), run / LOG_FILE)):
         if not path.is_file() or path.read_text(encoding="utf-8") != text:
@@ -629,9 +628,8 @@ def save_checkpoint(run: Path, vlad: VLAD, optimizer, scheduler, config: dict, l
     optimizer_tensors, param_groups = optimizer_to_tensors(optimizer)
     metadata = {"epoch": str(config["epoch"]), "config": json.dumps(config), "log": json.dumps(log),
                 "param_groups": json.dumps(param_groups), "scheduler": json.dumps(scheduler.state_dict())}
-    with data.atomic_path(run / STATE_FILE) as temporary:
-        save_file({**{f"vlad.{k}": v for k, v in adapters.items()}, **optimizer_tensors}, str(temporary),
-                  metadata=metadata)
+    tensors = {**{f"vlad.{k}": v for k, v in adapters.items()}, **optimizer_tensors}
+    data.save_bytes(safetensors.torch.save(tensors, metadata=metadata), run / STATE_FILE)
     write_derived_files(run, adapters, config, log)
 
 
