@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import math
 import os
@@ -1043,10 +1044,10 @@ def write_preview(out: Path, category: str, thresholds: dict) -> Path | None:
     sheet = data.contact_sheet(rows, labels=["normal", "generated", "mask overlay"])
     shown = PngImagePlugin.PngInfo()
     shown.add_text(PREVIEW_KEY, json.dumps([record["image"] for record in records]))
-    path = folder / "preview.png"
-    with data.atomic_path(path) as temporary:
-        Image.fromarray(sheet).save(temporary, format="PNG", pnginfo=shown)
-    return path
+    encoded = io.BytesIO()
+    Image.fromarray(sheet).save(encoded, format="PNG", pnginfo=shown)
+    data.save_bytes(encoded.getvalue(), folder / "preview.png")
+    return folder / "preview.png"
 
 
 def build_parser() -> argparse.ArgumentParser:
