@@ -135,9 +135,10 @@ def dilate(mask: np.ndarray, radius: int) -> np.ndarray:
     return box_mean(mask.astype(np.float64), radius) > 0.5 / (2 * radius + 1) ** 2
 
 
-def erode(mask: np.ndarray, radius: int) -> np.ndarray:
-    """Binary erosion by a (2r+1)^2 square; the frame erodes nothing (a part cut by it continues beyond)."""
-    return ~dilate(~mask, radius)
+def erode(mask: np.ndarray, radius: int, beyond: bool) -> np.ndarray:
+    """Binary erosion by a (2r+1)^2 square; `beyond` is what lies past the frame (True: a part cut by the frame
+    continues there and the frame erodes nothing; False: the frame erodes like the background)."""
+    return ~dilate(~np.pad(mask, 1, constant_values=beyond), radius)[1:-1, 1:-1]
 
 
 def analysis_image(image: np.ndarray) -> np.ndarray:
@@ -241,8 +242,9 @@ def foreground_mask(image: np.ndarray, size: tuple[int, int] | None = None) -> t
         return result(None, "surface: nothing differs from the background")
     # 3. Outline and openings
     inside = ~uniform & ~dilate(uniform, 2 * r)
+    object_colour = local_mean(colour, inside if inside.any() else ~uniform, 6 * r)
     to_background = (np.abs(colour - local_mean(colour, uniform, 6 * r)) / STEP[:3]).max(axis=-1)   # (h, w)
-    to_object = (np.abs(colour - local_mean(colour, inside if inside.any() else ~uniform, 6 * r)) / STEP[:3]).max(axis=-1)
+    to_object = (np.abs(colour - object_colour) / STEP[:3]).max(axis=-1)
     grown, k = data.label_regions(uniform | (to_background < to_object))
     alike = region_means(grown, k, (to_background < 0.5)[..., None].astype(np.float64))[:, 0]
     size = np.bincount(grown.ravel(), minlength=k + 1)
@@ -262,14 +264,15 @@ def foreground_mask(image: np.ndarray, size: tuple[int, int] | None = None) -> t
         return result(None, "surface: nothing differs from the background")
     cut_by_frame = np.zeros(m + 1, bool)
     cut_by_frame[parts[frame]] = True
-    survival = region_means(parts, m, erode(parts > 0, max(1, round(STROKE * math.sqrt(h * w))))[..., None])[:, 0]
+    thick = erode(parts > 0, max(1, round(STROKE * math.sqrt(h * w))), beyond=False)  # a stroke along the frame
+    survival = region_means(parts, m, thick[..., None].astype(np.float64))[:, 0]             # is thin too
     strokes = kept & cut_by_frame & (survival < STROKE_SURVIVAL)
     if size[strokes].sum() > 0.5 * size[kept].sum():
         return result(None, "surface: a pattern cut by the frame")
     kept &= ~strokes
     # 5. Solid
     radius = max(1, round(CLOSING * max(h, w)))
-    closed = erode(dilate(kept[parts], radius), radius)
+    closed = erode(dilate(kept[parts], radius), radius, beyond=True)
     holes, n_holes = data.label_regions(~closed)
     stays_open = np.zeros(n_holes + 1, bool)
     stays_open[holes[background & ~closed]] = True
@@ -1213,7 +1216,8 @@ def finished_jobs(out: Path, jobs: JobList, mine: range, prompts: dict, same: di
             if settings.attn_res not in (None, record.get("attn_res")):
                 changed.append("attn_res")
             grid = record.get("attn_grid") or [0, 0]     # the grid it used, and its window scaled to that grid
-            if record.get("early_stop_window") != list(early_stop_window(grid[0] * grid[1], settings.early_stop_window)):
+            window = early_stop_window(grid[0] * grid[1], settings.early_stop_window)
+            if record.get("early_stop_window") != list(window):
                 changed.append("early_stop_window")
             if changed:
                 raise CutError(f"{image_path} was generated with other settings ({', '.join(changed)}); re-run with "

@@ -1504,7 +1504,8 @@ def cut_photo_like(kind: str, size=(256, 256), seed: int = 0) -> tuple[np.ndarra
             region |= ellipse(cy, cx, 0.08, 0.17)
         gray = 30 + noise
         gray[region] = 180 + noise[region]
-    elif kind in ("cookie_on_a_speckled_tray", "two_cookies_one_cut_by_the_frame", "tan_object_on_gray_tray"):
+    elif kind in ("cookie_on_a_speckled_tray", "two_cookies_one_cut_by_the_frame", "tan_object_on_gray_tray",
+                  "cookie_below_the_trays_rim"):
         level = 120 if kind == "tan_object_on_gray_tray" else 75
         rgb = np.empty((H, W, 3))
         rgb[:] = (level, level, level - 4)                              # a gray tray, a little cool
@@ -1516,6 +1517,10 @@ def cut_photo_like(kind: str, size=(256, 256), seed: int = 0) -> tuple[np.ndarra
         region = ellipse(0.5, 0.45, 0.3, 0.3)
         if kind == "two_cookies_one_cut_by_the_frame":
             region = ellipse(0.45, 0.32, 0.24, 0.24) | ellipse(0.6, 0.95, 0.24, 0.24)
+        if kind == "cookie_below_the_trays_rim":                        # a bright metal rim along the top, 6%
+            rgb[yy < 0.06] = (205, 210, 220)
+            rgb[(yy >= 0.06) & (yy < 0.08)] = 20                        # and its shadow
+            region = ellipse(0.55, 0.5, 0.3, 0.3)
         if kind == "tan_object_on_gray_tray":                           # tan (150, 116, 70): gray level 120 too
             rgb[region] = np.array([150, 116, 70]) + rng.normal(0, 5, (region.sum(), 1))
         else:
@@ -1567,7 +1572,7 @@ def test_foreground_of_the_example_circuit_board_is_the_whole_image():
 
 @pytest.mark.parametrize("kind", ["cookie", "cookie_dark_background_bright", "transistor", "capsules",
                                   "cookie_on_a_speckled_tray", "two_cookies_one_cut_by_the_frame",
-                                  "tan_object_on_gray_tray"])
+                                  "tan_object_on_gray_tray", "cookie_below_the_trays_rim"])
 def test_foreground_of_objects_is_solid_with_dark_details_filled_and_background_out(kind, tmp_path):
     image, region = cut_photo_like(kind)
     mask, info = cut.foreground_mask(image)
@@ -1711,6 +1716,16 @@ def test_early_stop_in_the_generator_follows_the_rule(cut_pipe, monkeypatch):
     assert result.trace["early_stop_step"] == 3
     assert result.trace["n_t"] == [100, 30, 100] and len(result.trace["alpha_t"]) == 3
     assert len(result.trace["masked_max"]) == 10             # the remaining steps are still denoised
+
+
+def test_early_stop_in_the_generator_scales_its_window_by_a_non_square_grids_pixels(cut_pipe, monkeypatch):
+    # a 48 x 80 working size: a 12 x 20 grid of 240 pixels, window (9.375, 46.875); n_t = 10 is inside it, while
+    # the square grid's (10, 50) would not stop
+    monkeypatch.setattr(cut, "localized_pixels", lambda m: torch.full((len(m),), 10, dtype=torch.long))
+    image = np.asarray(Image.fromarray(cut_object_image()).resize((80, 48)))
+    result = cut_generator(cut_pipe).generate([image], [np.ones((48, 80), np.float32)], [0],
+                                              cut.fill_prompt(CUT_PROMPT, "bottle"), "damaged")[0]
+    assert result.trace["attn_grid"] == [12, 20] and result.trace["early_stop_step"] == 3
 
 
 # =========================================================================================================
