@@ -271,7 +271,8 @@ def _cut_bench_child(method: str, folder: str, size: int, device: str, queue) ->
 def bench_cut_full_cpu(photo: tuple[int, int] | None = None, plain_steps: int = 2, updates: int = 2) -> None:
     """SD 1.5's topology (random weights) in fp32 on the CPU, one thread, at the working size of a square photo
     (512 x 512) or of a photo of `photo` = (W, H): a few steps of each kind, timed, then the seconds per sample
-    extrapolated from them (a whole sample would take hours)."""
+    extrapolated from them (a whole sample would take hours). For a photo, its denoising steps alternate with
+    the square's in this process, so their ratio holds whatever else the machine is doing."""
     import cut
 
     torch.set_num_threads(1)
@@ -301,8 +302,17 @@ def bench_cut_full_cpu(photo: tuple[int, int] | None = None, plain_steps: int = 
     with cut.recording_attention(pipe.unet, generator.layer_names, grid) as recorder:
         update, _ = timed(lambda: generator.scaled_gradient(recorder, z, [0], states, timesteps[0], cond, indices,
                                                             softmax_end, mask_attn), updates)
-        step, _ = timed(lambda: generator.denoise(recorder, z, timesteps[0], cond, uncond, indices, softmax_end),
-                        plain_steps)
+
+    def denoising_step(latent, attention_grid):
+        with cut.recording_attention(pipe.unet, generator.layer_names, attention_grid) as recorder:
+            return generator.denoise(recorder, latent, timesteps[0], cond, uncond, indices, softmax_end)
+
+    square = generator.settings.size // generator.vae_factor
+    square_z, step, square_step = torch.randn(1, 4, square, square), 0.0, 0.0
+    for _ in range(plain_steps):
+        step += timed(lambda: denoising_step(z, grid), 1)[0] / plain_steps
+        if photo:
+            square_step += timed(lambda: denoising_step(square_z, (generator.P, generator.P)), 1)[0] / plain_steps
     with torch.no_grad():
         decode, _ = timed(lambda: generator.vae.decode(z / generator.vae.config.scaling_factor), 1)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20    # GiB, whole process
@@ -315,7 +325,8 @@ def bench_cut_full_cpu(photo: tuple[int, int] | None = None, plain_steps: int = 
     print(f"cut benchmark: SD 1.5 topology, random weights, {shape}{width}x{height} (attention {grid[0]}x{grid[1]}), "
           f"fp32, CPU, 1 thread ({plain_steps} plain steps, {updates} updates timed)")
     print(f"  VAE encode + decode:            {fixed:8.1f} s")
-    print(f"  one denoising step (CFG, B=2):  {step:8.1f} s")
+    print(f"  one denoising step (CFG, B=2):  {step:8.1f} s"
+          + (f"  (the square's, alternated with it: {square_step:.1f} s; {step / square_step:.2f}x)" if photo else ""))
     print(f"  one latent update (Eq. 3-5):    {update:8.1f} s  ({update / step:.2f}x a denoising step)")
     print(f"  one sample, K = {K} steps:        {fixed + K * step:8.0f} s plain img2img")
     print(f"                                  {best:8.0f} s CUT, early stop at step {least} ({least} updates)")

@@ -1208,11 +1208,13 @@ def finished_jobs(out: Path, jobs: JobList, mine: range, prompts: dict, same: di
                 continue
             if job.source not in digests:
                 digests[job.source] = file_digest(job.source)
-            if record.get("source_sha256") != digests[job.source]:
+            if record.get("source_sha256", digests[job.source]) != digests[job.source]:
                 raise CutError(f"{image_path} was generated from {record['source']}, another image named like "
                                f"{job.source} (its bytes differ); rename one, or choose another --out")
             changed = [key for key, value in {**same, "prompt": prompt, "word": word}.items()
                        if record.get(key) != value]
+            if "source_sha256" not in record:            # made by an older cut.py, which did not record it
+                changed.append("source_sha256")
             if settings.attn_res not in (None, record.get("attn_res")):
                 changed.append("attn_res")
             grid = record.get("attn_grid") or [0, 0]     # the grid it used, and its window scaled to that grid
