@@ -322,7 +322,7 @@ def bench_cut_full_cpu(photo: tuple[int, int] | None = None, plain_steps: int = 
     least = s.early_stop_after                                          # one update a step until the earliest stop
     best, worst = fixed + K * step + least * update, fixed + K * step + most * update
     shape = f"a {photo[0]} x {photo[1]} photo at " if photo else ""
-    print(f"cut benchmark: SD 1.5 topology, random weights, {shape}{width}x{height} (attention {grid[0]}x{grid[1]}), "
+    print(f"cut benchmark: SD 1.5 topology, random weights, {shape}{width}x{height} (attention {grid[1]}x{grid[0]}), "
           f"fp32, CPU, 1 thread ({plain_steps} plain steps, {updates} updates timed)")
     print(f"  VAE encode + decode:            {fixed:8.1f} s")
     print(f"  one denoising step (CFG, B=2):  {step:8.1f} s"
@@ -364,7 +364,7 @@ def bench_cut(full: bool = False) -> None:
     for method, (seconds, peak, _) in results.items():
         print(f"  {method:20s} {seconds:8.2f} s   {seconds / floor:5.2f}x img2img   {peak:9.0f} {unit}")
     print(f"  a 4:3 photo at its working size: {results['cut_4x3'][0] / results['cut'][0]:.2f}x the square CUT "
-          f"(attention {'x'.join(map(str, results['cut_4x3'][2]['attn_grid']))})")
+          f"(attention {'x'.join(map(str, results['cut_4x3'][2]['attn_grid'][::-1]))}, width x height)")
     for method in ("cut", "cut_early_stop_10"):
         trace = results[method][2]
         optimized = sum(1 for count in trace["iterations"] if count > 0)
