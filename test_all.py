@@ -2538,8 +2538,8 @@ def test_cli_soft_mask_is_the_attention_probability_and_a_failed_sample_stays_fa
     image = tmp_path / "bottle.png"
     data.save_image(cut_object_image(), image)
     out, opened = tmp_path / "out", tmp_path / "opened"
-    args = ["--image", str(image), "--no-mask", *cut_cli_args(cut_tiny_sd, "OUT")]
-    assert cut.main([str(a) if a != "OUT" else str(out) for a in args]) == 0
+    args = ["--image", str(image), "--no-mask"]
+    assert cut.main(args + cut_quick_args(cut_tiny_sd, out, "--thresholds", "0:0.5")) == 0      # 2 steps
     assert "0 of 1 localized (early stop), 1 ended below the last refinement threshold 0.5" in capsys.readouterr().out
     record = data.read_jsonl(out / "bottle/meta.jsonl")[0]
     mask = data.load_mask(out / "bottle/ground_truth/damaged/bottle_0_mask.png", binarize=False)
@@ -2547,12 +2547,12 @@ def test_cli_soft_mask_is_the_attention_probability_and_a_failed_sample_stays_fa
     assert final < 0.1 and mask.max() < 0.1                            # a faint label, not stretched to 1
     # the max of a bilinear upsampling of the 16 x 16 map lies within a cell of its grid max, then 8-bit rounding
     assert final - 0.35 * (final - min(record["masked_max"])) - 1 / 255 <= mask.max() <= final + 0.5 / 255
-    # the window opened to (-1, 1000): the sample localizes at the first step the rule allows (3), framed green
+    # the window opened to (-1, 1000): the sample localizes at the first step the rule allows (1), framed green
     # (without refinement thresholds no sample can end below one)
-    opened_args = [str(a) if a != "OUT" else str(opened) for a in args]
-    assert cut.main(opened_args + ["--early-stop-window=-1,1000", "--early-stop-after", "3", "--thresholds", ""]) == 0
+    assert cut.main(args + cut_quick_args(cut_tiny_sd, opened, "--early-stop-window=-1,1000",
+                                          "--early-stop-after", 1)) == 0
     assert "1 of 1 localized (early stop)\n" in capsys.readouterr().out
-    assert data.read_jsonl(opened / "bottle/meta.jsonl")[0]["early_stop_step"] == 3
+    assert data.read_jsonl(opened / "bottle/meta.jsonl")[0]["early_stop_step"] == 1
     frames = {}
     for name, folder in (("weak", out), ("localized", opened)):
         sheet = np.asarray(Image.open(folder / "bottle/preview.png").convert("RGB"))
