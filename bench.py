@@ -3,8 +3,9 @@
     python bench.py metrics        exact P-AUC/P-F1/PRO on an MVTec AD-sized case vs sklearn and one np.sort
     python bench.py cut [--full]   one CUT sample vs plain img2img and Attend-and-Excite (tiny SD on CPU;
                                    --full: SD 1.5's topology with random weights, 512x512 fp16, CUDA)
-    python bench.py cut --full --device cpu   SD 1.5's topology in fp32 on the CPU: a few timed steps, and the
-                                   seconds per sample extrapolated from them
+    python bench.py cut --full --device cpu [--photo 1600x1200]   SD 1.5's topology in fp32 on the CPU: a few
+                                   timed steps at the working size of a square (or that) photo, and the seconds
+                                   per sample extrapolated from them
     python bench.py vlad           image loading with 0 and N DataLoader workers (--loader: only that); one
                                    epoch with and without the token cache; encoding one by one vs batched;
                                    prediction images/s (k = 4); the memory bank's peak memory (--bank: only that)
@@ -26,6 +27,8 @@ cut: each method runs in its own process (so peak memory is its own), one warm-u
   CUT, early stop at 10 the same with the early-stop window opened so that it fires at step 10, the earliest
                         the rule allows: the best case
   Attend-and-Excite     diffusers' StableDiffusionAttendAndExcitePipeline, as many denoising steps as CUT
+  CUT, 4:3 photo        CUT on a 4:3 photo at its working size (about the same pixels as the square), against
+                        the square CUT: the cost of keeping the photo's shape
 vlad: ViT-B-16 with random weights at 224 px on CPU (and ViT-L-14-quickgelu at 518 px fp16 where CUDA is).
 """
 
@@ -189,6 +192,15 @@ def cut_build_full_sd(folder) -> Path:
     return folder
 
 
+def cut_bench_image(height: int, width: int) -> np.ndarray:
+    """A bright textured square on a dark ground, (height, width, 3) uint8: an object photo."""
+    rng = np.random.default_rng(0)
+    image = np.full((height, width, 3), 25, np.uint8)
+    image[height // 4:3 * height // 4, width // 4:3 * width // 4] = \
+        180 + rng.integers(0, 60, (3 * height // 4 - height // 4, 3 * width // 4 - width // 4, 3))
+    return image
+
+
 def _cut_bench_child(method: str, folder: str, size: int, device: str, queue) -> None:
     """Load the pipeline, run `method` once to warm up and once timed; report seconds and peak memory."""
     torch.set_num_threads(1 if device == "cpu" else torch.get_num_threads())
@@ -201,9 +213,10 @@ def _cut_bench_child(method: str, folder: str, size: int, device: str, queue) ->
     pipe = cut.load_pipeline(folder, device, dtype)
     settings = cut.CutSettings(size=size)
     K = settings.denoising_steps()
-    rng = np.random.default_rng(0)
-    image = np.full((size, size, 3), 25, np.uint8)
-    image[size // 4:3 * size // 4, size // 4:3 * size // 4] = 180 + rng.integers(0, 60, (size // 2, size // 2, 3))
+    height, width = size, size
+    if method == "cut_4x3":                               # a 4:3 photo at its working size
+        width, height = cut.CUT(pipe, settings).working_size(4000, 3000)
+    image = cut_bench_image(height, width)
     foreground = cut.foreground_mask(image)[0]
 
     if method == "img2img":
@@ -265,9 +278,11 @@ def _cut_bench_child(method: str, folder: str, size: int, device: str, queue) ->
     queue.put((seconds, peak, trace))
 
 
-def bench_cut_full_cpu(plain_steps: int = 2, updates: int = 2) -> None:
-    """SD 1.5's topology (random weights) at 512 x 512 in fp32 on the CPU, one thread: a few steps of each kind,
-    timed, then the seconds per sample extrapolated from them (a whole sample would take hours)."""
+def bench_cut_full_cpu(photo: tuple[int, int] | None = None, plain_steps: int = 2, updates: int = 2) -> None:
+    """SD 1.5's topology (random weights) in fp32 on the CPU, one thread, at the working size of a square photo
+    (512 x 512) or of a photo of `photo` = (W, H): a few steps of each kind, timed, then the seconds per sample
+    extrapolated from them (a whole sample would take hours). For a photo, its denoising steps alternate with
+    the square's in this process, so their ratio holds whatever else the machine is doing."""
     import cut
 
     torch.set_num_threads(1)
@@ -276,15 +291,14 @@ def bench_cut_full_cpu(plain_steps: int = 2, updates: int = 2) -> None:
         pipe = cut.load_pipeline(str(folder), "cpu", torch.float32)
     generator = cut.CUT(pipe, cut.CutSettings())                      # the paper's defaults: T 200, gamma 0.25
     K = generator.settings.denoising_steps()
-    size = generator.settings.size
-    rng = np.random.default_rng(0)
-    image = np.full((size, size, 3), 25, np.uint8)
-    image[size // 4:3 * size // 4, size // 4:3 * size // 4] = 180 + rng.integers(0, 60, (size // 2, size // 2, 3))
+    width, height = generator.working_size(*photo) if photo else (generator.settings.size,) * 2
+    grid = generator.attention_grid(height, width)
+    image = cut_bench_image(height, width)
     foreground = torch.from_numpy(cut.foreground_mask(image)[0])
     ids, indices = generator.prompt_tokens(CUT_BENCH_PROMPT, "damaged")
     softmax_end = cut.text_softmax_end(pipe.tokenizer, len(ids), generator.context)
     cond, uncond = generator.encode_text(CUT_BENCH_PROMPT), generator.encode_text("")
-    mask_attn = cut.downsample_mask(foreground, generator.P)[None]
+    mask_attn = cut.downsample_mask(foreground, grid)[None]
     timesteps = generator.timesteps()
 
     def timed(function, repeat):
@@ -294,12 +308,21 @@ def bench_cut_full_cpu(plain_steps: int = 2, updates: int = 2) -> None:
         return (time.perf_counter() - started) / repeat, result
 
     encode, z = timed(lambda: generator.encode_images(image[None], [torch.Generator().manual_seed(0)]), 1)
-    states = [{"loss_scale": 1.0}]
-    with cut.recording_attention(pipe.unet, generator.layer_names, generator.P) as recorder:
+    states = [{"loss_scale": 1.0, "finite_run": 0}]
+    with cut.recording_attention(pipe.unet, generator.layer_names, grid) as recorder:
         update, _ = timed(lambda: generator.scaled_gradient(recorder, z, [0], states, timesteps[0], cond, indices,
                                                             softmax_end, mask_attn), updates)
-        step, _ = timed(lambda: generator.denoise(recorder, z, timesteps[0], cond, uncond, indices, softmax_end),
-                        plain_steps)
+
+    def denoising_step(latent, attention_grid):
+        with cut.recording_attention(pipe.unet, generator.layer_names, attention_grid) as recorder:
+            return generator.denoise(recorder, latent, timesteps[0], cond, uncond, indices, softmax_end)
+
+    square = generator.settings.size // generator.vae_factor
+    square_z, step, square_step = torch.randn(1, 4, square, square), 0.0, 0.0
+    for _ in range(plain_steps):
+        step += timed(lambda: denoising_step(z, grid), 1)[0] / plain_steps
+        if photo:
+            square_step += timed(lambda: denoising_step(square_z, (generator.P, generator.P)), 1)[0] / plain_steps
     with torch.no_grad():
         decode, _ = timed(lambda: generator.vae.decode(z / generator.vae.config.scaling_factor), 1)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20    # GiB, whole process
@@ -308,10 +331,12 @@ def bench_cut_full_cpu(plain_steps: int = 2, updates: int = 2) -> None:
     most = K + sum(s.max_iters - 1 for i in s.thresholds if i < K)      # every step, refinements at their cap
     least = s.early_stop_after                                          # one update a step until the earliest stop
     best, worst = fixed + K * step + least * update, fixed + K * step + most * update
-    print(f"cut benchmark: SD 1.5 topology, random weights, 512x512, fp32, CPU, 1 thread ({plain_steps} plain steps, "
-          f"{updates} updates timed)")
+    shape = f"a {photo[0]} x {photo[1]} photo at " if photo else ""
+    print(f"cut benchmark: SD 1.5 topology, random weights, {shape}{width}x{height} (attention {grid[1]}x{grid[0]}), "
+          f"fp32, CPU, 1 thread ({plain_steps} plain steps, {updates} updates timed)")
     print(f"  VAE encode + decode:            {fixed:8.1f} s")
-    print(f"  one denoising step (CFG, B=2):  {step:8.1f} s")
+    print(f"  one denoising step (CFG, B=2):  {step:8.1f} s"
+          + (f"  (the square's, alternated with it: {square_step:.1f} s; {step / square_step:.2f}x)" if photo else ""))
     print(f"  one latent update (Eq. 3-5):    {update:8.1f} s  ({update / step:.2f}x a denoising step)")
     print(f"  one sample, K = {K} steps:        {fixed + K * step:8.0f} s plain img2img")
     print(f"                                  {best:8.0f} s CUT, early stop at step {least} ({least} updates)")
@@ -333,7 +358,7 @@ def bench_cut(full: bool = False) -> None:
             from test_all import build_tiny_sd
 
             folder = build_tiny_sd(Path(tmp) / "tiny_sd", vae_factor=2)
-        for method in ("img2img", "cut_no_optimization", "cut", "cut_early_stop_10", "attend_and_excite"):
+        for method in ("img2img", "cut_no_optimization", "cut", "cut_early_stop_10", "attend_and_excite", "cut_4x3"):
             queue = context.Queue()
             child = context.Process(target=_cut_bench_child, args=(method, str(folder), size, device, queue))
             child.start()
@@ -348,6 +373,8 @@ def bench_cut(full: bool = False) -> None:
     unit = "GPU MiB peak allocated" if full else "MiB peak RSS of the process"
     for method, (seconds, peak, _) in results.items():
         print(f"  {method:20s} {seconds:8.2f} s   {seconds / floor:5.2f}x img2img   {peak:9.0f} {unit}")
+    print(f"  a 4:3 photo at its working size: {results['cut_4x3'][0] / results['cut'][0]:.2f}x the square CUT "
+          f"(attention {'x'.join(map(str, results['cut_4x3'][2]['attn_grid'][::-1]))}, width x height)")
     for method in ("cut", "cut_early_stop_10"):
         trace = results[method][2]
         optimized = sum(1 for count in trace["iterations"] if count > 0)
@@ -886,6 +913,7 @@ def main(argv=None) -> int:
     cut_parser.add_argument("--full", action="store_true", help="SD 1.5 topology at 512x512 (fp16 on CUDA)")
     cut_parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                             help="with --full: cuda (the whole comparison) or cpu (a few steps, extrapolated)")
+    cut_parser.add_argument("--photo", help="with --full --device cpu: a photo's WxH, e.g. 1600x1200 (default: square)")
     vlad_parser = commands.add_parser("vlad", help="VLAD epoch with/without token cache, prediction speed, bank")
     vlad_parser.add_argument("--protocol", action="store_true",
                              help="reproduce.sh's shared token cache: bytes per image and the protocol's total")
@@ -901,7 +929,8 @@ def main(argv=None) -> int:
         bench_metrics()
     elif args.command == "cut":
         if args.full and args.device == "cpu":
-            bench_cut_full_cpu()
+            photo = tuple(int(side) for side in args.photo.lower().split("x")) if args.photo else None
+            bench_cut_full_cpu(photo)
             return 0
         if args.full and not torch.cuda.is_available():
             print("bench.py: error: --full needs a CUDA GPU; use --full --device cpu for the CPU figures",
